@@ -1,0 +1,35 @@
+"""Datasets: raw sources (bundled, download + checksum, local files), preprocessing, splits.
+
+``prepare_data`` turns a ``DataConfig`` into ``items.parquet``, ``sequences.parquet`` and
+``meta.json``; ``load_dataset`` reads them back; ``splits`` fixes the leave-one-out convention
+that every later stage shares.
+"""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """A problem with the input data, described in one line naming the file or field."""
+
+
+# Defined before these imports: the submodules import DataError from this package.
+from rerank_dist.data.prepare import Dataset, load_dataset, prepare_data  # noqa: E402
+from rerank_dist.data.splits import (  # noqa: E402
+    MIN_SEQ_LEN,
+    history_and_target,
+    prefix_len_for,
+    retriever_train_sequences,
+    train_prefix_lens,
+)
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "MIN_SEQ_LEN",
+    "history_and_target",
+    "load_dataset",
+    "prefix_len_for",
+    "prepare_data",
+    "retriever_train_sequences",
+    "train_prefix_lens",
+]

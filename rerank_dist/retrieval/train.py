@@ -1,0 +1,149 @@
+"""Training LRURec the way LlamaRec does, bounded by a wall-clock budget.
+
+Protocol: train on seq[:-2] of every user (long sequences cut into max_len windows from the
+end), full-softmax cross-entropy over the whole catalogue at every position, AdamW (lr 1e-3,
+wd 0.01 except biases and LayerNorms, eps 1e-9), gradient norm clipped at 5. After each
+validation interval the model ranks seq[-2] over the whole catalogue (history excluded) from
+seq[:-2]; the weights with the best Recall@10 are kept; training stops after `patience`
+validations without improvement, after max_epochs, or when `max_minutes` have passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rerank_dist.config import RetrieverConfig
+from rerank_dist.metrics import metrics_from_ranks
+from rerank_dist.retrieval.lrurec import LRURec
+from rerank_dist.retrieval.scoring import full_catalogue_ranks
+from rerank_dist.retrieval.sequences import training_windows, window_batch
+
+MAX_GRAD_NORM = 5.0
+ADAM_EPS = 1e-9
+
+
+@dataclass
+class TrainSummary:
+    best_epoch: int = 0
+    best_val: dict = field(default_factory=dict)
+    epochs: int = 0
+    steps: int = 0
+    minutes: float = 0.0
+    stopped_by: str = "max_epochs"
+    history: list = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RetrieverConfig) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if "bias" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=ADAM_EPS)
+
+
+def next_item_loss(model: LRURec, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all positions that have a label (label 0 = padding, skipped).
+
+    Scores are computed only at labelled positions: same loss, less work on padding.
+    """
+    hidden = model.hidden(tokens)  # (B, L, D)
+    has_label = labels > 0  # (B, L)
+    logits = model.scores_from_hidden(hidden[has_label])  # (N, V+1)
+    return F.cross_entropy(logits, labels[has_label])
+
+
+def validation_examples(sequences: Mapping[int, Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """Histories seq[:-2] and targets seq[-2] for every user long enough to have both."""
+    users = [u for u in sorted(sequences) if len(sequences[u]) >= 3]
+    return [list(sequences[u][:-2]) for u in users], [sequences[u][-2] for u in users]
+
+
+def evaluate(model: LRURec, histories: Sequence[Sequence[int]], targets: Sequence[int],
+             max_len: int) -> dict[str, float]:
+    ranks = full_catalogue_ranks(model, histories, targets, max_len)
+    return metrics_from_ranks(ranks, ks=(10,))
+
+
+def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]], num_items: int,
+                    log: Callable[[str], None] = print, progress: bool = True) -> tuple[LRURec, TrainSummary]:
+    """Train from scratch on seq[:-2] of every user; return the best-validation model (eval mode)."""
+    seed_everything(cfg.seed)
+    model = LRURec.from_config(cfg, num_items)
+    optimizer = make_optimizer(model, cfg)
+    windows = training_windows([s[:-2] for s in (sequences[u] for u in sorted(sequences)) if len(s) > 2],
+                               cfg.max_len)
+    if not windows:
+        raise ValueError("no user has more than 2 items: nothing to train the retriever on")
+    val_histories, val_targets = validation_examples(sequences)
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    summary = TrainSummary()
+    best_state, bad_validations, start = None, 0, time.monotonic()
+    deadline = start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    log(f"retriever: {len(windows)} training windows from {len(sequences)} users, {num_items} items, "
+        f"{len(val_targets)} validation users, budget {cfg.max_minutes:g} min")
+
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        order = torch.randperm(len(windows), generator=order_rng).tolist()
+        batches = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        losses = []
+        bar = tqdm(batches, desc=f"retriever epoch {epoch}", leave=False, disable=not progress)
+        for batch in bar:
+            tokens, labels = window_batch([windows[i] for i in batch], cfg.max_len)  # (B, L) each
+            loss = next_item_loss(model, tokens, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            losses.append(loss.item())
+            summary.steps += 1
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            if time.monotonic() > deadline:
+                summary.stopped_by = "time_budget"
+                break
+        summary.epochs = epoch
+        out_of_time = summary.stopped_by == "time_budget"
+        if epoch % cfg.eval_every_epochs and not out_of_time and epoch != cfg.max_epochs:
+            continue
+
+        val = evaluate(model, val_histories, val_targets, cfg.max_len)
+        improved = best_state is None or val["recall@10"] > summary.best_val["recall@10"]
+        if improved:
+            best_state = copy.deepcopy(model.state_dict())
+            summary.best_epoch, summary.best_val, bad_validations = epoch, val, 0
+        else:
+            bad_validations += 1
+        elapsed = (time.monotonic() - start) / 60
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()},
+                  "minutes": elapsed}
+        summary.history.append(record)
+        log(f"retriever epoch {epoch:3d}  loss {record['loss']:.4f}  val recall@10 {val['recall@10']:.4f}  "
+            f"ndcg@10 {val['ndcg@10']:.4f}  elapsed {elapsed:.1f} min{'  *best' if improved else ''}")
+        if out_of_time:
+            break
+        if bad_validations >= cfg.patience:
+            summary.stopped_by = "early_stopping"
+            break
+
+    model.load_state_dict(best_state)
+    model.eval()
+    summary.minutes = (time.monotonic() - start) / 60
+    log(f"retriever: stopped by {summary.stopped_by} after {summary.epochs} epochs ({summary.minutes:.1f} min); "
+        f"best epoch {summary.best_epoch} val recall@10 {summary.best_val['recall@10']:.4f}")
+    return model, summary

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# sbatch slurm/train.sh configs/qwen3_4b_qlora.yaml [overrides...]
+# One task per node; accelerate starts one process per GPU on each node and wires them together.
+#SBATCH --job-name=rerank-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+CONFIG="${1:?usage: sbatch slurm/train.sh CONFIG.yaml [overrides...]}"
+shift
+GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
+MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MAIN_PORT="${MAIN_PORT:-29500}"
+mkdir -p logs
+# Data and retriever stages run once (main process first); training and scoring use every GPU.
+srun accelerate launch \
+  --multi_gpu --mixed_precision bf16 \
+  --num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * GPUS_PER_NODE))" \
+  --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
+  launch/run.py run -c "$CONFIG" "$@"
