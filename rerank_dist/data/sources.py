@@ -132,13 +132,19 @@ def _from_local(raw_dir: Path) -> RawData:
 
 
 def _download(url: str, archive: Path) -> None:
-    """Fetch to a temp file beside ``archive`` and rename: an interrupted download leaves nothing."""
-    try:
-        with atomic_path(archive) as tmp:
+    """Fetch to a temp file beside ``archive``; rename it into place only once its CSVs verify.
+
+    An interrupted download, an error page or a different release therefore leaves nothing behind,
+    and the next run simply downloads again.
+    """
+    with atomic_path(archive) as tmp:
+        try:
             fetch_url(url, tmp)
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise DataError(f"{url}: download failed ({reason}); use data.source=bundled to work offline") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise DataError(f"{url}: download failed ({reason}); use data.source=bundled to work offline") from None
+        for name, data in _members(tmp.read_bytes(), url).items():
+            _verify(name, data, f"{url}:{name}", hint="nothing was kept; use data.source=bundled to work offline")
 
 
 def _members(archive_bytes: bytes, origin: str) -> dict[str, bytes]:

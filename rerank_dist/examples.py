@@ -1,0 +1,195 @@
+"""Training and evaluation examples: candidates, negatives, deterministic shuffling, prompts.
+
+Conventions shared with the retriever stage: for a candidates row (user, prefix_len, target,
+candidates, ...), the history is ``sequences[user][:prefix_len]`` and the target is
+``sequences[user][prefix_len]``; ``candidates`` holds K items in retriever order, best first.
+
+Training candidates (``PromptConfig.negatives``):
+
+* ``retriever``: the retriever's K candidates, the hard negatives evaluation is judged on; when the
+  target is missing it replaces the lowest-ranked candidate (the rate is reported).
+* ``random``: the target + K-1 random items outside the history (LlamaRec's choice).
+* ``mixed``: per example, ``round(mixed_random_fraction * (K-1))`` random negatives, the rest the
+  retriever's best non-target candidates.
+
+Validation/test candidates are exactly as retrieved; a missing target gives ``label_index=-1``
+(scored as a miss). With ``shuffle_candidates`` the displayed order is a permutation seeded by
+(seed, user, prefix_len), so every letter is the answer about equally often and a model cannot
+win by learning a position.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from rerank_dist.prompts import TitleBook, encode_prompts, render_prompt
+
+# Salts keep the shuffling and sampling streams of one example independent.
+_SHUFFLE, _SAMPLE, _SUBSET = 1, 2, 3
+
+
+class ExamplesError(ValueError):
+    """Inputs that cannot make examples (one-line message)."""
+
+
+@dataclass
+class Example:
+    user: int
+    prefix_len: int
+    split: str
+    prompt: str                     # ends exactly where the answer label goes
+    candidate_ids: list[int]        # item ids in displayed order (label i <-> candidate_ids[i])
+    label_index: int                # index of the target in candidate_ids; -1 if absent (eval only)
+    retriever_positions: list[int]  # 0-based retriever rank of each displayed candidate; -1 if not retrieved
+    target: int
+
+
+def _rng(seed: int, user: int, prefix_len: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(user), int(prefix_len), salt])
+
+
+def _sample_random(rng: np.random.Generator, num_items: int, exclude: set[int], n: int, user: int) -> list[int]:
+    """n distinct items from 1..num_items, none in ``exclude``."""
+    free = num_items - sum(1 for i in exclude if 1 <= i <= num_items)
+    if free < n:
+        raise ExamplesError(f"user {user}: only {free} items outside the history for {n} random negatives")
+    out: list[int] = []
+    seen = set(exclude)
+    while len(out) < n:
+        for x in rng.integers(1, num_items + 1, size=2 * (n - len(out)) + 8).tolist():
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+                if len(out) == n:
+                    break
+    return out
+
+
+def _train_candidates(retrieved: list[int], target: int, history: Sequence[int], cfg: Any, num_items: int,
+                      rng: np.random.Generator, user: int) -> list[int]:
+    """Candidates for one training example, in retriever order where they come from the retriever."""
+    k = len(retrieved)
+    missing = target not in retrieved
+    if cfg.negatives == "retriever":
+        return retrieved[:-1] + [target] if missing else list(retrieved)
+    exclude = set(history) | {target}
+    if cfg.negatives == "random":
+        return [target] + _sample_random(rng, num_items, exclude, k - 1, user)
+    if cfg.negatives == "mixed":
+        n_random = int(round(cfg.mixed_random_fraction * (k - 1)))
+        hard = set([c for c in retrieved if c != target][: k - 1 - n_random])
+        # Keep the target where the retriever put it (so unshuffled order stays retriever order).
+        kept = [c for c in retrieved if c == target or c in hard]
+        if missing:
+            kept.append(target)
+        return kept + _sample_random(rng, num_items, exclude | hard, n_random, user)
+    raise ExamplesError(f"prompt.negatives: expected retriever | random | mixed, got {cfg.negatives!r}")
+
+
+def _rows(candidates: Any, split: str, cfg: Any) -> list[tuple[int, int, int, list[int]]]:
+    rows = [(int(u), int(p), int(t), [int(c) for c in cands]) for u, p, t, cands in
+            candidates[["user", "prefix_len", "target", "candidates"]].itertuples(index=False, name=None)]
+    cap = cfg.max_train_examples
+    if split == "train" and 0 < cap < len(rows):
+        keep = np.sort(np.random.default_rng([int(cfg.seed), _SUBSET]).choice(len(rows), size=cap, replace=False))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def build_examples(candidates: Any, dataset: Any, cfg: Any, labels: Sequence[str], tokenizer: Any,
+                   split: str, num_items: int) -> tuple[list[Example], dict[str, Any]]:
+    """Examples for one split and the stats that show whether they are fit to train/evaluate on.
+
+    ``candidates``: DataFrame with user, prefix_len, target, candidates (K items, retriever order).
+    ``dataset``: has ``titles`` (item -> title) and ``sequences`` (user -> items, chronological).
+    ``cfg``: PromptConfig. ``labels``: K labels, e.g. ``config.labels_for(run_cfg)``.
+    """
+    if split not in {"train", "val", "test"}:
+        raise ExamplesError(f"split: expected train | val | test, got {split!r}")
+    labels = list(labels)
+    book = TitleBook(dataset.titles, tokenizer, cfg.title_max_tokens)
+    examples: list[Example] = []
+    missing = truncated_prompts = dropped = 0
+    token_counts: list[int] = []
+    for user, prefix_len, target, retrieved in _rows(candidates, split, cfg):
+        if len(retrieved) != len(labels):
+            raise ExamplesError(f"user {user} (prefix_len {prefix_len}): {len(retrieved)} candidates, "
+                                f"expected {len(labels)} (one per label)")
+        if len(set(retrieved)) != len(retrieved):
+            raise ExamplesError(f"user {user} (prefix_len {prefix_len}): duplicate items among the candidates")
+        history = _history(dataset, user, prefix_len, target)
+        missing += target not in retrieved
+        if split == "train":
+            shown = _train_candidates(retrieved, target, history, cfg, num_items,
+                                         _rng(cfg.seed, user, prefix_len, _SAMPLE), user)
+        else:
+            shown = list(retrieved)
+        if cfg.shuffle_candidates:
+            order = _rng(cfg.seed, user, prefix_len, _SHUFFLE).permutation(len(shown)).tolist()
+            shown = [shown[i] for i in order]
+        rank = {item: i for i, item in enumerate(retrieved)}
+        rendered = render_prompt(tokenizer, cfg, labels, [book(i) for i in history], [book(i) for i in shown])
+        truncated_prompts += rendered.history_dropped > 0
+        dropped += rendered.history_dropped
+        token_counts.append(rendered.num_tokens)
+        examples.append(Example(user=user, prefix_len=prefix_len, split=split, prompt=rendered.text,
+                                candidate_ids=shown,
+                                label_index=shown.index(target) if target in shown else -1,
+                                retriever_positions=[rank.get(i, -1) for i in shown], target=target))
+    stats = _stats(examples, labels, split, cfg, missing, book)
+    stats.update(prompts_history_truncated=truncated_prompts, history_titles_dropped=dropped,
+                 prompt_tokens_max=max(token_counts, default=0),
+                 prompt_tokens_mean=round(float(np.mean(token_counts)), 1) if token_counts else 0.0)
+    return examples, stats
+
+
+def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]:
+    seq = dataset.sequences.get(user)
+    if seq is None or not 0 <= prefix_len < len(seq):
+        raise ExamplesError(f"user {user}: prefix_len {prefix_len} is outside a sequence of "
+                            f"{0 if seq is None else len(seq)} items")
+    if int(seq[prefix_len]) != target:
+        raise ExamplesError(f"user {user}: target {target} is not sequences[user][{prefix_len}] "
+                            f"({int(seq[prefix_len])}); candidates and dataset disagree")
+    return [int(i) for i in seq[:prefix_len]]
+
+
+def _stats(examples: list[Example], labels: list[str], split: str, cfg: Any, missing: int,
+           book: TitleBook) -> dict[str, Any]:
+    n = len(examples)
+    counts = Counter(labels[e.label_index] for e in examples if e.label_index >= 0)
+    per_label = {label: counts.get(label, 0) for label in labels}
+    low, high = min(per_label.values(), default=0), max(per_label.values(), default=0)
+    stats: dict[str, Any] = {
+        "split": split,
+        "examples": n,
+        "labels": len(labels),
+        "shuffled": bool(cfg.shuffle_candidates),
+        # Share of examples whose retriever candidates lacked the target (eval: guaranteed misses).
+        "target_missing": missing,
+        "target_missing_rate": round(missing / n, 4) if n else 0.0,
+        "label_counts": per_label,
+        # max/min answers per label; None when some label is never the answer.
+        "label_balance_ratio": round(high / low, 3) if low else None,
+        "title_fixes": dict(sorted(book.fixes.items())),
+        "titles_truncated": book.truncated,
+    }
+    if split == "train":
+        stats["negatives"] = cfg.negatives
+        # retriever/mixed: the target replaced/joined retriever candidates this often; random: n/a.
+        stats["target_insertion_rate"] = stats["target_missing_rate"] if cfg.negatives != "random" else None
+    return stats
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
+    """Prompt token ids per example, tokenised exactly as ``verbalizer.resolve_label_ids`` does.
+
+    Uses ``prompts.encode_prompt``'s convention: BOS only where the tokenizer's own convention adds
+    one and the text lacks it, no EOS. Training appends [label id, EOS]; scoring reads the logits at
+    the last position of these ids.
+    """
+    return encode_prompts(tokenizer, [e.prompt for e in examples])

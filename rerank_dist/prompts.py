@@ -1,0 +1,231 @@
+"""Prompt templates, title cleaning and truncation, and the one tokenisation convention for prompts.
+
+A prompt lists the user's recent history and K lettered candidates and ends *exactly* where the
+answer label goes, so the label's token is the next token both in training and in scoring.
+
+Templates:
+
+* ``alpaca_short`` (LlamaRec)::
+
+      ### Instruction:
+      {instruction}
+
+      ### Input:
+      {input}
+
+      ### Response:
+
+* ``chat``: the tokenizer's own chat template with one user turn (instruction + input) and
+  ``add_generation_prompt=True``, so the prompt ends at the start of the assistant's answer.
+
+The instruction is LlamaRec's; the input keeps LlamaRec's "User history:" / "Candidate pool:"
+wording and ``(1) title`` / ``(A) title`` markers, one item per line.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+INSTRUCTION = ("Given user history in chronological order, recommend an item from the candidate pool "
+               "with its index letter.")
+ALPACA_SHORT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+TEMPLATES = ("alpaca_short", "chat")
+
+
+class PromptError(ValueError):
+    """A prompt cannot be built as configured; the message is one line naming the fix."""
+
+
+# ---------------------------------------------------------------- tokenisation convention
+
+
+@functools.lru_cache(maxsize=16)
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own convention starts a sequence with BOS (Llama: yes; GPT-2/Qwen: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos and without[:1] != [bos]
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt (or prompt + label): the *only* way prompts are tokenised.
+
+    BOS is prepended when the tokenizer's own convention adds one (Llama-style models were trained
+    with it) and the text does not already begin with it (chat templates often write it, and a
+    doubled BOS is a silent distribution shift). Nothing else is added: a post-processor that
+    appends EOS would put EOS where the answer label must go.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _with_bos(tokenizer, text, ids)
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """``encode_prompt`` for many texts in one batched tokenizer call."""
+    if not texts:
+        return []
+    batch = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [_with_bos(tokenizer, t, ids) for t, ids in zip(texts, batch)]
+
+
+def _with_bos(tokenizer: Any, text: str, ids: list[int]) -> list[int]:
+    if _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        return [tokenizer.bos_token_id, *ids]
+    return list(ids)
+
+
+# ---------------------------------------------------------------- titles
+
+_LINE_BREAKS = re.compile(r"[\r\n\t\v\f\x85\u2028\u2029]+")
+_LABEL_MARKER = re.compile(r"\(\s*([A-Za-z])\s*\)")  # "(A)", "( b )": looks like a candidate label
+_SECTION_MARKER = re.compile(r"#{3,}")  # "### Response:" would open a new prompt section
+_SPACES = re.compile(r" {2,}")
+
+
+def sanitize_title(title: str, special_tokens: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """Make a title inert inside a prompt; return it and the kinds of fix-up applied.
+
+    A title must not be able to forge a candidate label or a prompt section, or the model learns
+    (and is scored on) text the data author never meant as structure:
+
+    * ``special_token``: the tokenizer's special-token strings (``<|im_end|>``, ``</s>``) -> space
+    * ``newline``: newlines, tabs and other line breaks -> space (one item per line)
+    * ``label_marker``: a parenthesised single letter ``(A)`` -> ``[A]``
+    * ``section_marker``: ``###`` (or longer) -> ``#``
+
+    Runs of spaces are collapsed and the ends stripped; that alone is not counted as a fix-up.
+    """
+    fixes: list[str] = []
+    text = str(title)
+    hits = [s for s in special_tokens if s and s in text]
+    for s in hits:
+        text = text.replace(s, " ")
+    if hits:
+        fixes.append("special_token")
+    for kind, pattern, repl in (("newline", _LINE_BREAKS, " "), ("label_marker", _LABEL_MARKER, r"[\1]"),
+                                ("section_marker", _SECTION_MARKER, "#")):
+        text, n = pattern.subn(repl, text)
+        if n:
+            fixes.append(kind)
+    return _SPACES.sub(" ", text).strip(), fixes
+
+
+def truncate_title(title: str, tokenizer: Any, max_tokens: int) -> str:
+    """The title cut to its first ``max_tokens`` tokens (as the tokenizer splits the bare title)."""
+    ids = tokenizer(title, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return title
+    # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip("\ufffd").strip()
+
+
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """Every special-token string the tokenizer would parse as a control token inside a title."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(tok.content)
+    return sorted(found, key=len, reverse=True)  # longest first: "<|im_end|>" before "<|im"
+
+
+class TitleBook:
+    """Display titles by item id: sanitised, then cut to ``max_tokens``; each item prepared once.
+
+    ``fixes`` counts *distinct items* per fix-up kind and ``truncated`` the items cut, so a stage can
+    report how much of the catalogue needed cleaning.
+    """
+
+    def __init__(self, titles: Mapping[int, str], tokenizer: Any, max_tokens: int):
+        self.titles = titles
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.special = special_token_strings(tokenizer)
+        self.fixes: Counter[str] = Counter()
+        self.truncated = 0
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, item: int) -> str:
+        item = int(item)
+        if item not in self._cache:
+            if item not in self.titles:
+                raise PromptError(f"item {item} has no title in the dataset")
+            clean, fixes = sanitize_title(self.titles[item], self.special)
+            self.fixes.update(fixes)
+            cut = truncate_title(clean, self.tokenizer, self.max_tokens)
+            self.truncated += cut != clean
+            self._cache[item] = cut
+        return self._cache[item]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def format_input(history_titles: Sequence[str], candidate_titles: Sequence[str], labels: Sequence[str]) -> str:
+    """The ``{input}`` block: numbered history (oldest first), then lettered candidates."""
+    if len(candidate_titles) != len(labels):
+        raise PromptError(f"{len(candidate_titles)} candidates but {len(labels)} labels")
+    history = "\n".join(f"({i}) {t}" for i, t in enumerate(history_titles, start=1)) or "(none)"
+    pool = "\n".join(f"({label}) {t}" for label, t in zip(labels, candidate_titles))
+    return f"User history:\n{history}\n\nCandidate pool:\n{pool}"
+
+
+def apply_template(template: str, input_text: str, tokenizer: Any = None) -> str:
+    """The full prompt text, ending where the answer label goes."""
+    if template == "alpaca_short":
+        return ALPACA_SHORT.format(instruction=INSTRUCTION, input=input_text)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise PromptError("prompt.template=chat needs a tokenizer with a chat_template; use alpaca_short")
+        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{input_text}"}]
+        # enable_thinking=False: Qwen3 then opens an empty think block so the answer comes at once;
+        # templates without that variable ignore it.
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    raise PromptError(f"prompt.template: expected one of {list(TEMPLATES)}, got {template!r}")
+
+
+@dataclass
+class RenderedPrompt:
+    text: str            # ends exactly where the answer label goes
+    num_tokens: int      # len(encode_prompt(text))
+    history_shown: int   # history titles in the prompt
+    history_dropped: int  # oldest titles dropped to fit max_prompt_tokens
+
+
+def render_prompt(tokenizer: Any, cfg: Any, labels: Sequence[str], history_titles: Sequence[str],
+                  candidate_titles: Sequence[str]) -> RenderedPrompt:
+    """Render with the last ``cfg.history_items`` titles; drop the oldest until it fits the budget.
+
+    ``cfg`` is a PromptConfig (template, history_items, max_prompt_tokens). Titles must already be
+    display titles (see ``TitleBook``).
+    """
+    shown = list(history_titles)[-cfg.history_items:] if cfg.history_items > 0 else []
+
+    def attempt(drop: int) -> RenderedPrompt:
+        text = apply_template(cfg.template, format_input(shown[drop:], candidate_titles, labels), tokenizer)
+        return RenderedPrompt(text, len(encode_prompt(tokenizer, text)), len(shown) - drop, drop)
+
+    first = attempt(0)
+    if first.num_tokens <= cfg.max_prompt_tokens:
+        return first
+    bare = attempt(len(shown))
+    if bare.num_tokens > cfg.max_prompt_tokens:
+        raise PromptError(f"prompt is {bare.num_tokens} tokens even with no history, over "
+                          f"prompt.max_prompt_tokens={cfg.max_prompt_tokens}; raise it or lower "
+                          f"prompt.title_max_tokens (now {getattr(cfg, 'title_max_tokens', '?')})")
+    # Fewer titles never make a longer prompt: binary-search the fewest to drop.
+    lo, hi, best = 1, len(shown), bare
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        r = attempt(mid)
+        if r.num_tokens <= cfg.max_prompt_tokens:
+            best, hi = r, mid - 1
+        else:
+            lo = mid + 1
+    return best

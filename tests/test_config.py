@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rerank_dist.cli import main
+from rerank_dist.config import ConfigError, RunConfig, describe_fields, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(RUN_CONFIGS) >= 3 and len(ACCELERATE_CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS + ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_starts_with_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("rerank-dist" in first or "accelerate launch" in first), first
+    if path.parent.name == "accelerate":
+        assert "--config_file configs/accelerate/" + path.name in first
+    else:
+        assert path.name in first
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_configs_load_and_validate(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.run_dir == raw["run_dir"]
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                got = getattr(getattr(cfg, section), key)
+                assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (section, key)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2
+
+
+def test_every_field_documented():
+    lines = describe_fields()
+    assert len(lines) > 40
+    assert all(line.split(": ", 1)[1].strip() for line in lines), [l for l in lines if not l.split(": ", 1)[1].strip()]
+
+
+def test_bool_strings_are_not_all_true():
+    assert load_config(overrides=["prompt.shuffle_candidates=false"]).prompt.shuffle_candidates is False
+    assert load_config(overrides=["prompt.shuffle_candidates=False"]).prompt.shuffle_candidates is False
+    with pytest.raises(ConfigError, match="prompt.shuffle_candidates: expected true/false"):
+        load_config(overrides=["prompt.shuffle_candidates=maybe"])
+
+
+def test_validation_reports_every_problem_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n  micro_batch_size: 3\nmodel:\n  dtype: int8\nretriever:\n  top_k: 40\nnope: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    lines = str(err.value).splitlines()
+    text = str(err.value)
+    assert "train.lr" in text and "model.dtype" in text and "retriever.top_k" in text and "nope" in text
+    assert "train.batch_size" in text  # 16 is not a multiple of 3
+    assert all(line.startswith(str(bad)) for line in lines)
+
+
+def test_overrides_types():
+    cfg = load_config(overrides=["train.lr=3e-4", "model.lora_target_modules=[q_proj,k_proj]", "run_dir=x"])
+    assert cfg.train.lr == 3e-4 and cfg.model.lora_target_modules == ["q_proj", "k_proj"] and cfg.run_dir == "x"
+    assert isinstance(RunConfig().section_hash("data"), str)
+
+
+def test_cli_config_error_exits_2(capsys):
+    assert main(["config", "train.lr=abc", "model.quantization=int3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_cli_missing_config_file(capsys, tmp_path):
+    assert main(["prepare", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_cli_help_for_every_stage(capsys):
+    for stage in ["prepare", "retrieve", "train", "score", "report", "run", "config"]:
+        with pytest.raises(SystemExit) as e:
+            main([stage, "--help"])
+        assert e.value.code == 0
+        assert "overrides" in capsys.readouterr().out
