@@ -26,14 +26,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rerank_dist.prompts import TitleBook, encode_prompts, render_prompt
+from rerank_dist.config import PromptConfig
+from rerank_dist.prompts import PromptError, TitleBook, encode_prompts, render_prompt
 
 # Salts keep the shuffling and sampling streams of one example independent.
 _SHUFFLE, _SAMPLE, _SUBSET = 1, 2, 3
 
 
-class ExamplesError(ValueError):
-    """Inputs that cannot make examples (one-line message)."""
+class ExamplesError(PromptError):
+    """Inputs that cannot make examples (one-line message); a PromptError, so the CLI reports it as bad input."""
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _sample_random(rng: np.random.Generator, num_items: int, exclude: set[int], 
     return out
 
 
-def _train_candidates(retrieved: list[int], target: int, history: Sequence[int], cfg: Any, num_items: int,
+def _train_candidates(retrieved: list[int], target: int, history: Sequence[int], cfg: PromptConfig, num_items: int,
                       rng: np.random.Generator, user: int) -> list[int]:
     """Candidates for one training example, in retriever order where they come from the retriever."""
     k = len(retrieved)
@@ -90,7 +91,7 @@ def _train_candidates(retrieved: list[int], target: int, history: Sequence[int],
     raise ExamplesError(f"prompt.negatives: expected retriever | random | mixed, got {cfg.negatives!r}")
 
 
-def _rows(candidates: Any, split: str, cfg: Any) -> list[tuple[int, int, int, list[int]]]:
+def _rows(candidates: Any, split: str, cfg: PromptConfig) -> list[tuple[int, int, int, list[int]]]:
     rows = [(int(u), int(p), int(t), [int(c) for c in cands]) for u, p, t, cands in
             candidates[["user", "prefix_len", "target", "candidates"]].itertuples(index=False, name=None)]
     cap = cfg.max_train_examples
@@ -100,13 +101,13 @@ def _rows(candidates: Any, split: str, cfg: Any) -> list[tuple[int, int, int, li
     return rows
 
 
-def build_examples(candidates: Any, dataset: Any, cfg: Any, labels: Sequence[str], tokenizer: Any,
+def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Sequence[str], tokenizer: Any,
                    split: str, num_items: int) -> tuple[list[Example], dict[str, Any]]:
     """Examples for one split and the stats that show whether they are fit to train/evaluate on.
 
     ``candidates``: DataFrame with user, prefix_len, target, candidates (K items, retriever order).
     ``dataset``: has ``titles`` (item -> title) and ``sequences`` (user -> items, chronological).
-    ``cfg``: PromptConfig. ``labels``: K labels, e.g. ``config.labels_for(run_cfg)``.
+    ``labels``: K labels, e.g. ``config.labels_for(run_cfg)``.
     """
     if split not in {"train", "val", "test"}:
         raise ExamplesError(f"split: expected train | val | test, got {split!r}")
@@ -158,7 +159,7 @@ def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]
     return [int(i) for i in seq[:prefix_len]]
 
 
-def _stats(examples: list[Example], labels: list[str], split: str, cfg: Any, missing: int,
+def _stats(examples: list[Example], labels: list[str], split: str, cfg: PromptConfig, missing: int,
            book: TitleBook) -> dict[str, Any]:
     n = len(examples)
     counts = Counter(labels[e.label_index] for e in examples if e.label_index >= 0)

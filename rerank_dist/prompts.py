@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from rerank_dist.config import PromptConfig
+
 INSTRUCTION = ("Given user history in chronological order, recommend an item from the candidate pool "
                "with its index letter.")
 ALPACA_SHORT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -198,12 +200,11 @@ class RenderedPrompt:
     history_dropped: int  # oldest titles dropped to fit max_prompt_tokens
 
 
-def render_prompt(tokenizer: Any, cfg: Any, labels: Sequence[str], history_titles: Sequence[str],
+def render_prompt(tokenizer: Any, cfg: PromptConfig, labels: Sequence[str], history_titles: Sequence[str],
                   candidate_titles: Sequence[str]) -> RenderedPrompt:
     """Render with the last ``cfg.history_items`` titles; drop the oldest until it fits the budget.
 
-    ``cfg`` is a PromptConfig (template, history_items, max_prompt_tokens). Titles must already be
-    display titles (see ``TitleBook``).
+    Titles must already be display titles (see ``TitleBook``).
     """
     shown = list(history_titles)[-cfg.history_items:] if cfg.history_items > 0 else []
 

@@ -62,7 +62,7 @@ def train(cfg: RunConfig) -> dict:
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import label_logits, load_model, load_tokenizer
-    from rerank_dist.verbalizer import resolve_label_ids
+    from rerank_dist.verbalizer import describe_label_ids, verify_label_ids
 
     # ------------------------------------------------------------------ setup
     paths = RunPaths(Path(cfg.run_dir))
@@ -91,12 +91,9 @@ def train(cfg: RunConfig) -> dict:
 
     # The label ids are resolved in context from real prompts and must agree across them: the id the
     # loss trains is then the id the scorer reads.
-    label_ids_list = resolve_label_ids(tokenizer, train_examples[0].prompt, labels)
-    for ex in (train_examples[-1], val_examples[0], val_examples[-1]):
-        other = resolve_label_ids(tokenizer, ex.prompt, labels)
-        if other != label_ids_list:
-            raise RuntimeError(f"label token ids differ between prompts ({label_ids_list} vs {other}); "
-                               f"training and scoring would read different tokens")
+    probes = [train_examples[0].prompt, train_examples[-1].prompt, val_examples[0].prompt, val_examples[-1].prompt]
+    label_ids_list = verify_label_ids(tokenizer, probes, labels)
+    say(f"label tokens in context: {describe_label_ids(tokenizer, labels, label_ids_list)}")
     label_ids = torch.tensor(label_ids_list, dtype=torch.long, device=accelerator.device)  # (K,)
     verbalizer = {"labels": labels, "label_ids": label_ids_list,
                   "label_tokens": tokenizer.convert_ids_to_tokens(label_ids_list)}
@@ -138,8 +135,8 @@ def train(cfg: RunConfig) -> dict:
         f"({world} process(es) x micro-batch {tc.micro_batch_size} x {grad_accum} accumulation), "
         f"{n_params:,} trainable parameters; chance loss ln({len(labels)}) = {math.log(len(labels)):.3f}")
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
-        f"{train_stats.get('insertion_rate', float('nan')):.1%} of retriever candidate lists; "
-        f"label balance max/min = {train_stats.get('label_balance_ratio', float('nan')):.2f}")
+        f"{train_stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
+        f"label balance max/min = {train_stats.get('label_balance_ratio')}")
 
     # ------------------------------------------------------------------ loop
     started = time.time()

@@ -7,7 +7,7 @@ import pytest
 from rerank_dist.config import PromptConfig
 from rerank_dist.prompts import (PromptError, TitleBook, apply_template, encode_prompt, encode_prompts,
                                  format_input, render_prompt, sanitize_title, truncate_title)
-from tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
+from tests.tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
 
 
 @pytest.fixture(scope="module")

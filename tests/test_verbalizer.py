@@ -6,7 +6,7 @@ from rerank_dist.config import LABEL_SETS, PromptConfig
 from rerank_dist.prompts import apply_template, encode_prompt, format_input, render_prompt
 from rerank_dist.verbalizer import (VerbalizerError, describe_label_ids, naive_mismatches, resolve_label_ids,
                                     verify_label_ids)
-from tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
+from tests.tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
 
 LETTERS20 = LABEL_SETS["letters"][:20]
 

