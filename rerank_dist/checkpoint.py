@@ -2,7 +2,8 @@
 
 ``step-000200/`` holds the LoRA adapter (safetensors), the optimizer and scheduler state, the
 resolved config, the verbalizer (labels and their token ids) and ``trainer_state.json``. ``best/``
-holds the adapter with the best validation NDCG@10, and is what the scorer reloads. A directory
+holds the adapter with the best validation NDCG@10, and is what the scorer reloads (peft adds a
+README.md model card beside it). A directory
 appears only once complete (temp dir + rename), so the newest ``step-*`` is always loadable.
 """
 
@@ -18,9 +19,9 @@ from rerank_dist.config import RunConfig, save_config
 from rerank_dist.io import atomic_dir, read_json, write_json
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-STEP_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+STEP_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
               "trainer_state.json", "config.yaml", "verbalizer.json"}
-BEST_FILES = {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "verbalizer.json"}
+BEST_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "config.yaml", "verbalizer.json"}
 
 
 def save_adapter(model, out: Path, cfg: RunConfig, verbalizer: dict[str, Any]) -> None:

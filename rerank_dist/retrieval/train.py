@@ -25,7 +25,7 @@ from rerank_dist.config import RetrieverConfig
 from rerank_dist.metrics import metrics_from_ranks
 from rerank_dist.retrieval.lrurec import LRURec
 from rerank_dist.retrieval.scoring import full_catalogue_ranks
-from rerank_dist.retrieval.sequences import training_windows, window_batch
+from rerank_dist.retrieval.sequences import retriever_training_sequences, training_windows, window_batch
 
 MAX_GRAD_NORM = 5.0
 ADAM_EPS = 1e-9
@@ -39,7 +39,8 @@ class TrainSummary:
     steps: int = 0
     minutes: float = 0.0
     stopped_by: str = "max_epochs"
-    history: list = field(default_factory=list)
+    epoch_losses: list = field(default_factory=list)  # mean training loss of every epoch
+    history: list = field(default_factory=list)  # one record per validation
 
 
 def seed_everything(seed: int) -> None:
@@ -86,8 +87,7 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
     seed_everything(cfg.seed)
     model = LRURec.from_config(cfg, num_items)
     optimizer = make_optimizer(model, cfg)
-    windows = training_windows([s[:-2] for s in (sequences[u] for u in sorted(sequences)) if len(s) > 2],
-                               cfg.max_len)
+    windows = training_windows(retriever_training_sequences(sequences), cfg.max_len)
     if not windows:
         raise ValueError("no user has more than 2 items: nothing to train the retriever on")
     val_histories, val_targets = validation_examples(sequences)
@@ -118,6 +118,7 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
                 summary.stopped_by = "time_budget"
                 break
         summary.epochs = epoch
+        summary.epoch_losses.append(float(np.mean(losses)))
         out_of_time = summary.stopped_by == "time_budget"
         if epoch % cfg.eval_every_epochs and not out_of_time and epoch != cfg.max_epochs:
             continue
@@ -130,7 +131,7 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
         else:
             bad_validations += 1
         elapsed = (time.monotonic() - start) / 60
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in val.items()},
+        record = {"epoch": epoch, "loss": summary.epoch_losses[-1], **{f"val_{k}": v for k, v in val.items()},
                   "minutes": elapsed}
         summary.history.append(record)
         log(f"retriever epoch {epoch:3d}  loss {record['loss']:.4f}  val recall@10 {val['recall@10']:.4f}  "

@@ -1,0 +1,267 @@
+"""Retriever: LRURec shapes, padding invariance, the parallel scan, training, candidates, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from rerank_dist.config import RetrieverConfig
+from rerank_dist.metrics import metrics_from_ranks
+from rerank_dist.retrieval import (
+    LRURec,
+    checkpoint_matches,
+    full_catalogue_ranks,
+    generate_candidates,
+    load_retriever,
+    parallel_scan,
+    retriever_test_metrics,
+    run_retriever_stage,
+    save_retriever,
+    split_examples,
+    train_retriever,
+)
+from rerank_dist.retrieval.scoring import ranks_of_targets
+from rerank_dist.retrieval.sequences import left_pad, training_windows, window_batch
+
+NUM_ITEMS = 80
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def tiny_cfg(**kw) -> RetrieverConfig:
+    base = dict(embed_dim=16, num_blocks=2, dropout=0.0, attn_dropout=0.0, max_len=16, batch_size=8,
+                max_epochs=2, patience=50, max_minutes=0.0, top_k=5, seed=0)
+    return RetrieverConfig(**{**base, **kw})
+
+
+def stride_sequences(num_users: int = 24, length: int = 20, stride: int = 7) -> dict[int, list[int]]:
+    """Each user walks the catalogue with a fixed stride from a random start: the next item is
+    fully determined by the last one, and no item repeats within a sequence."""
+    rng = random.Random(0)
+    return {u: [(s + stride * k) % NUM_ITEMS + 1 for k in range(length)]
+            for u, s in ((u, rng.randrange(NUM_ITEMS)) for u in range(1, num_users + 1))}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model overfit on the stride pattern (shared by the tests that need a trained one)."""
+    torch.manual_seed(0)
+    sequences = stride_sequences()
+    # One validation at the end, so the model returned is the fully trained one.
+    cfg = tiny_cfg(embed_dim=32, lr=5e-3, max_epochs=40, eval_every_epochs=40, batch_size=8)
+    model, summary = train_retriever(cfg, sequences, NUM_ITEMS, log=quiet, progress=False)
+    return model, summary, sequences, cfg
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_forward_shapes():
+    model = LRURec(NUM_ITEMS, embed_dim=16, num_blocks=2)
+    seqs = torch.randint(1, NUM_ITEMS + 1, (3, 7))
+    assert model.hidden(seqs).shape == (3, 7, 16)
+    assert model(seqs).shape == (3, 7, NUM_ITEMS + 1)
+    assert model.last_scores(seqs).shape == (3, NUM_ITEMS + 1)
+    assert model(seqs).dtype == torch.float32
+
+
+def test_left_padding_does_not_change_outputs():
+    torch.manual_seed(0)
+    model = LRURec(NUM_ITEMS, embed_dim=16, num_blocks=2).eval()
+    seq = [5, 3, 8, 2, 40, 11]
+    alone = model.last_scores(torch.tensor([seq]))  # (1, V+1), length 6 -> scanned at 8
+    for pad in (1, 2, 10, 27):
+        padded = model.last_scores(torch.tensor([[0] * pad + seq]))
+        torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    # In a batch next to a longer sequence, every real position matches the unpadded run.
+    batch = left_pad([seq, list(range(1, 20))])  # (2, 19)
+    torch.testing.assert_close(model.hidden(batch)[0, -len(seq):], model.hidden(torch.tensor([seq]))[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def naive_recurrence(bu: torch.Tensor, lamb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h_t = bu_t + lamb * h_{t-1}, with no state carried out of a padding position."""
+    out = torch.zeros_like(bu)
+    h = torch.zeros_like(bu[:, 0])
+    for t in range(bu.size(1)):
+        carry = lamb * h * mask[:, t - 1].unsqueeze(-1) if t > 0 else 0
+        h = bu[:, t] + carry
+        out[:, t] = h
+    return out
+
+
+@pytest.mark.parametrize("length", [1, 2, 8, 64])
+def test_parallel_scan_equals_sequential_recurrence(length):
+    torch.manual_seed(length)
+    B, H = 4, 6
+    bu = torch.randn(B, length, H, dtype=torch.cfloat)
+    lamb = torch.polar(torch.rand(H) * 0.2 + 0.79, torch.rand(H) * 6.28)  # |lamb| in [0.79, 0.99]
+    pads = [0, length // 2, length - 1, length // 3]
+    mask = torch.tensor([[t >= p for t in range(length)] for p in pads])  # (B, L), left padding
+    torch.testing.assert_close(parallel_scan(bu, lamb, mask), naive_recurrence(bu, lamb, mask),
+                               rtol=1e-4, atol=1e-5)
+    # At real positions the state is exactly the recurrence over the real items alone.
+    for row, p in enumerate(pads):
+        alone = naive_recurrence(bu[row: row + 1, p:], lamb, mask[row: row + 1, p:])
+        torch.testing.assert_close(parallel_scan(bu, lamb, mask)[row, p:], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_init_is_reproducible_and_truncated():
+    torch.manual_seed(3)
+    a = LRURec(NUM_ITEMS)
+    torch.manual_seed(3)
+    b = LRURec(NUM_ITEMS)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    w = a.blocks[0].lru_layer.in_proj.weight
+    assert w.is_complex() and w.real.abs().max() <= 0.04 and w.imag.abs().max() <= 0.04
+
+
+# ---------------------------------------------------------------- data for training
+
+
+def test_training_windows_cut_long_sequences_from_the_end():
+    short, long_ = list(range(1, 8)), list(range(1, 10))
+    assert training_windows([short], max_len=4) == [short]  # 7 < 4 + 4: kept whole
+    assert training_windows([long_], max_len=4) == [[6, 7, 8, 9], [2, 3, 4, 5]]
+    tokens, labels = window_batch([[6, 7, 8, 9], [2, 3]], max_len=4)
+    assert tokens.tolist() == [[0, 6, 7, 8], [0, 0, 0, 2]]
+    assert labels.tolist() == [[6, 7, 8, 9], [0, 0, 2, 3]]
+    assert window_batch([short], max_len=4)[1].tolist() == [[4, 5, 6, 7]]
+
+
+def test_split_examples_follow_the_project_convention():
+    seqs = {1: [1, 2, 3, 4, 5], 2: [7, 8], 3: [4, 5, 6]}
+    assert split_examples(seqs, "test") == [(1, 4), (2, 1), (3, 2)]
+    assert split_examples(seqs, "val") == [(1, 3), (3, 1)]
+    assert split_examples(seqs, "train", train_prefixes_per_user=3) == [(1, 2), (1, 1)]
+    with pytest.raises(ValueError):
+        split_examples(seqs, "dev")
+
+
+def test_ranks_count_ties_against_the_target_and_miss_excluded_targets():
+    scores = torch.tensor([[float("-inf"), 1.0, 2.0, 2.0, 0.5], [float("-inf"), 1.0, float("-inf"), 3.0, 0.0]])
+    assert ranks_of_targets(scores, torch.tensor([2, 2])).tolist() == [1, -1]
+    assert ranks_of_targets(scores, torch.tensor([4, 3])).tolist() == [3, 0]
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_tiny_overfit(trained):
+    model, summary, sequences, cfg = trained
+    losses = summary.epoch_losses
+    assert len(losses) == 40 and losses[-1] < 0.1 * losses[0], losses
+    users = sorted(sequences)
+    ranks = full_catalogue_ranks(model, [sequences[u][:-2] for u in users], [sequences[u][-2] for u in users],
+                                 cfg.max_len)
+    assert metrics_from_ranks(ranks, ks=(1,))["recall@1"] >= 0.9
+    assert summary.best_val["recall@10"] >= 0.9
+    assert not model.training
+
+
+def test_training_is_seeded_and_stops_on_budget():
+    sequences = stride_sequences(num_users=10)
+    runs = [train_retriever(tiny_cfg(max_epochs=1), sequences, NUM_ITEMS, log=quiet, progress=False)
+            for _ in range(2)]
+    for pa, pb in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(pa, pb)
+    _, summary = train_retriever(tiny_cfg(max_epochs=50, max_minutes=1e-6, batch_size=2), sequences, NUM_ITEMS,
+                                 log=quiet, progress=False)
+    assert summary.stopped_by == "time_budget" and summary.steps == 1 and summary.best_epoch == 1
+
+
+def test_early_stopping_keeps_the_best_weights():
+    sequences = stride_sequences(num_users=10)
+    model, summary = train_retriever(tiny_cfg(max_epochs=30, patience=1, lr=0.3), sequences, NUM_ITEMS,
+                                     log=quiet, progress=False)
+    recalls = [h["val_recall@10"] for h in summary.history]
+    assert summary.best_val["recall@10"] == max(recalls)
+    users = sorted(sequences)
+    ranks = full_catalogue_ranks(model, [sequences[u][:-2] for u in users], [sequences[u][-2] for u in users], 16)
+    assert metrics_from_ranks(ranks, ks=(10,))["recall@10"] == pytest.approx(max(recalls))
+
+
+# ---------------------------------------------------------------- candidates
+
+
+@pytest.mark.parametrize("top_k", [20, 50])
+def test_candidates_exclude_history_and_locate_the_target(trained, top_k):
+    model, _, sequences, cfg = trained
+    for split in ("train", "val", "test"):
+        frame = generate_candidates(model, sequences, split, top_k, cfg.max_len, train_prefixes_per_user=2)
+        assert list(frame.columns) == ["user", "prefix_len", "target", "candidates", "retriever_scores",
+                                       "target_rank"]
+        assert len(frame) == len(split_examples(sequences, split, 2))
+        for row in frame.itertuples():
+            history = sequences[row.user][: row.prefix_len]
+            assert row.target == sequences[row.user][row.prefix_len]
+            assert len(row.candidates) == top_k == len(set(row.candidates)) == len(row.retriever_scores)
+            assert not set(row.candidates) & set(history) and 0 not in row.candidates
+            assert all(1 <= c <= NUM_ITEMS for c in row.candidates)
+            assert list(row.retriever_scores) == sorted(row.retriever_scores, reverse=True)
+            expected = row.candidates.index(row.target) if row.target in row.candidates else -1
+            assert row.target_rank == expected
+    test = generate_candidates(model, sequences, "test", top_k, cfg.max_len)
+    assert (test["target_rank"] >= 0).mean() >= 0.95  # the overfit model retrieves the next item of the pattern
+
+
+def test_candidates_refuse_top_k_beyond_the_unseen_items(trained):
+    model, _, sequences, cfg = trained
+    with pytest.raises(ValueError, match="top_k"):
+        generate_candidates(model, sequences, "test", NUM_ITEMS, cfg.max_len)
+
+
+def test_test_metrics_rank_over_the_whole_catalogue(trained):
+    model, _, sequences, cfg = trained
+    metrics = retriever_test_metrics(model, sequences, cfg.max_len)
+    assert set(metrics) == {f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg", "mrr")}
+    assert metrics["recall@5"] <= metrics["recall@10"] <= metrics["recall@20"] <= 1.0
+    assert metrics["recall@10"] >= 0.9
+
+
+# ---------------------------------------------------------------- checkpoints and the stage
+
+
+def test_checkpoint_round_trip_gives_identical_scores(trained, tmp_path):
+    model, _, sequences, cfg = trained
+    save_retriever(model, cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_retriever(tmp_path)
+    seqs = left_pad([sequences[u][:-1] for u in sorted(sequences)], cfg.max_len)
+    assert torch.equal(loaded(seqs), model(seqs))
+    assert not loaded.training
+    assert checkpoint_matches(tmp_path, dataclasses.replace(cfg, top_k=50), NUM_ITEMS)
+    assert not checkpoint_matches(tmp_path, dataclasses.replace(cfg, dropout=0.3), NUM_ITEMS)
+    assert not checkpoint_matches(tmp_path, cfg, NUM_ITEMS + 1)
+    (tmp_path / "config.json").unlink()
+    assert not checkpoint_matches(tmp_path, cfg, NUM_ITEMS)
+    with pytest.raises(FileNotFoundError):
+        load_retriever(tmp_path)
+
+
+def test_stage_writes_candidates_and_metrics_then_reuses_the_checkpoint(tmp_path):
+    dataset = SimpleNamespace(sequences=stride_sequences(num_users=12), num_items=NUM_ITEMS)
+    cfg = tiny_cfg(max_epochs=2)
+    metrics = run_retriever_stage(cfg, dataset, tmp_path, log=quiet)
+    for split in ("train", "val", "test"):
+        frame = pd.read_parquet(tmp_path / f"candidates_{split}.parquet")
+        assert len(frame) == 12 and frame["candidates"].map(len).eq(cfg.top_k).all()
+        assert pd.api.types.is_integer_dtype(frame["target_rank"])
+        assert metrics["target_in_top_k"][split] == pytest.approx((frame["target_rank"] >= 0).mean())
+    assert (tmp_path / "metrics_test.json").is_file() and (tmp_path / "train_summary.json").is_file()
+    assert metrics["num_users"] == 12 and metrics["training"]["epochs"] == 2
+    assert set(metrics["full_catalogue"]) >= {"recall@10", "ndcg@10", "mrr@10", "recall@20"}
+
+    messages: list[str] = []
+    again = run_retriever_stage(dataclasses.replace(cfg, top_k=7), dataset, tmp_path, log=messages.append)
+    assert any("reusing" in m for m in messages)
+    assert again["full_catalogue"] == metrics["full_catalogue"]
+    assert pd.read_parquet(tmp_path / "candidates_test.parquet")["candidates"].map(len).eq(7).all()
