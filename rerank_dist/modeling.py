@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -104,8 +105,9 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     return path if _has_weights(path) else None
 
 
+@functools.lru_cache(maxsize=None)
 def _hub_unreachable_reason(repo_id: str) -> str | None:
-    """None if the hub answers for repo_id; else why not.
+    """None if the hub answers for repo_id; else why not. Asked once per process.
 
     One request with a short timeout: from_pretrained itself retries for ~25 s before failing
     when there is no network, which would make every offline run wait.
@@ -223,8 +225,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    result = clean.load_state_dict(src.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
+    clean.load_state_dict(src.state_dict(), strict=True)  # every key matches; strict makes sure
     log.info("dequantized in %.1f s; writing %s", time.perf_counter() - t0, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -327,7 +328,7 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
-    # transformers renamed gradient_checkpointing_enable (a deprecated alias since 5.2x); older 5.x lack the new name.
+    # Recent transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack the new name.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -368,17 +369,47 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Next-token logits of the K label tokens at the answer position, as float32 (B, K).
 
     Inputs must be left padded, so the last column is every row's answer position. Only that
-    position is projected onto the vocabulary (logits_to_keep=1): full (B, L, V) logits would
-    cost L times the memory for values nobody reads. Gradients flow when the caller allows them.
+    position reaches the head (logits_to_keep=1): full (B, L, V) logits would cost L times the
+    memory for values nobody reads. The model is called as a whole, so DDP / PEFT wrappers see
+    the forward. Gradients flow when the caller allows them.
+
+    The K label rows are then projected again in float32 from the hidden state the head received:
+    bf16 logits near 25 are spaced 0.125 apart, coarse enough to tie candidates.
     """
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("label_logits needs left-padded inputs: the last column of attention_mask has zeros")
-    out = model(
-        input_ids=input_ids,  # (B, L)
-        attention_mask=attention_mask,  # (B, L)
-        position_ids=left_pad_position_ids(attention_mask),  # (B, L)
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    last = out.logits[:, -1, :]  # (B, V)
-    return last.index_select(-1, label_ids.to(last.device)).float()  # (B, K)
+    head = _plain_output_head(model)
+    seen: dict[str, torch.Tensor] = {}
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0])) if head is not None else None
+    try:
+        out = model(
+            input_ids=input_ids,  # (B, L)
+            attention_mask=attention_mask,  # (B, L)
+            position_ids=left_pad_position_ids(attention_mask),  # (B, L)
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    label_ids = label_ids.to(out.logits.device)
+    if "h" in seen and head.weight.numel() > 0:  # numel 0: weights partitioned away (ZeRO-3)
+        hidden = seen["h"][:, -1, :].float()  # (B, D)
+        rows = head.weight.index_select(0, label_ids).float()  # (K, D)
+        logits = hidden @ rows.T  # (B, K)
+        return logits + head.bias.index_select(0, label_ids).float() if head.bias is not None else logits
+    return out.logits[:, -1, :].index_select(-1, label_ids).float()  # (B, V) -> (B, K)
+
+
+def _plain_output_head(model: Any) -> torch.nn.Linear | None:
+    """The model's lm head if logits are exactly hidden @ W.T (+ b); None where that is not known.
+
+    A head with its own adapter or quantization, or a model that rescales / soft-caps its logits,
+    is scored from the model's own logits instead.
+    """
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    config = getattr(inner, "config", None)
+    rescaled = any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+    return head if type(head) is torch.nn.Linear and not rescaled else None

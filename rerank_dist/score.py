@@ -135,7 +135,7 @@ def score_split(cfg: RunConfig, split: str) -> dict:
     examples, stats = build_examples(candidates, dataset, cfg.prompt, labels, tokenizer, split, dataset.num_items)
     token_lists = tokenize_examples(examples, tokenizer)
     label_ids = torch.tensor(verbalizer["label_ids"], dtype=torch.long)
-    model = load_for_scoring(cfg.model, adapter_dir).to(accelerator.device)
+    model = load_for_scoring(cfg.model, adapter_dir, device=accelerator.device)
 
     scores = score_prompts(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id, cfg.score.batch_size)
     result = {}

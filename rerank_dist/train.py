@@ -101,7 +101,7 @@ def train(cfg: RunConfig) -> dict:
     val_tokens = tokenize_examples(val_examples, tokenizer)
     pad_id = tokenizer.pad_token_id
 
-    model = load_model(cfg.model, training=True)
+    model = load_model(cfg.model, training=True, device=accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     rows = [(tokens, ex.label_index) for tokens, ex in zip(train_tokens, train_examples)]

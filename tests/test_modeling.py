@@ -68,6 +68,14 @@ def test_lora_only_adapters_trainable(tiny_dirs, arch):
     assert model.peft_config["default"].r == cfg.lora_r
 
 
+def test_bf16_backbone_keeps_float32_adapters(tiny_dirs):
+    # AdamW steps of ~lr * 1 on bf16 adapter weights would mostly round away; PEFT keeps them fp32.
+    model = M.load_model(_cfg(tiny_dirs["llama"], dtype="bfloat16"), training=True)
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_gradient_checkpointing_trains_lora(tiny_dirs):
     cfg = _cfg(tiny_dirs["qwen3"], gradient_checkpointing=True)
     tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
@@ -138,6 +146,34 @@ def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
     torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
 
 
+def test_label_logits_with_an_adapted_head_use_the_models_own_logits(tiny_dirs):
+    cfg = _cfg(tiny_dirs["qwen3"], lora_target_modules=["q_proj", "lm_head"])
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
+    assert M._plain_output_head(model) is None  # the head is a LoRA layer: W alone is not the projection
+    _train_steps(model, tok)
+    model.eval()
+    ids, mask = _batch(tok, PROMPTS)
+    labels = _label_ids(tok)
+    with torch.no_grad():
+        got = M.label_logits(model, ids, mask, labels)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits
+    torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
+
+
+def test_bf16_label_logits_are_projected_in_float32(tiny_dirs):
+    cfg = _cfg(tiny_dirs["llama"], dtype="bfloat16")
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=False)
+    ids, mask = _batch(tok, PROMPTS)
+    labels = _label_ids(tok)
+    with torch.no_grad():
+        got = M.label_logits(model, ids, mask, labels)  # (B, K) float32
+        bf16 = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits
+    want = bf16[:, -1, labels].float()
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 2 * want.abs().max() * 2**-8  # the same scores up to bf16 rounding
+    assert (got != got.to(torch.bfloat16).float()).any()  # finer than the bf16 grid, so fewer ties
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padding_gives_the_same_logits_as_each_prompt_alone(tiny_dirs, arch, attn):
@@ -179,7 +215,7 @@ def test_qlora_nf4_forward_backward_on_cpu(tiny_dirs, dtype):
     from bitsandbytes.nn import Linear4bit
 
     cfg = _cfg(tiny_dirs["llama"], quantization="nf4", dtype=dtype, gradient_checkpointing=True)
-    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True, device="cpu")
     assert any(isinstance(m, Linear4bit) for m in model.modules())
     ids, mask = _batch(tok, PROMPTS)
     logits = M.label_logits(model, ids, mask, _label_ids(tok))  # (B, K)
@@ -324,8 +360,16 @@ def test_no_fallback_for_other_models_or_when_disabled(tmp_path, offline_hub, mo
         M.resolve_model_source(ModelConfig(gguf_fallback=False, cache_dir=str(tmp_path)))
 
 
+@pytest.fixture
+def fresh_probe():
+    """The hub probe's answer is remembered per process; these tests must neither see nor leave one."""
+    M._hub_unreachable_reason.cache_clear()
+    yield
+    M._hub_unreachable_reason.cache_clear()
+
+
 @pytest.mark.parametrize("how", ["constant", "env"])
-def test_hub_probe_respects_offline_mode_without_network(monkeypatch, how):
+def test_hub_probe_respects_offline_mode_without_network(monkeypatch, fresh_probe, how):
     from huggingface_hub import constants, utils
 
     monkeypatch.setattr(utils, "get_session", lambda: pytest.fail("no request in offline mode"))
@@ -340,7 +384,7 @@ def test_hub_probe_respects_offline_mode_without_network(monkeypatch, how):
 
 
 @pytest.mark.parametrize("status,expect", [(200, None), (401, "gated"), (404, "HTTP 404")])
-def test_hub_probe_reads_the_status(monkeypatch, status, expect):
+def test_hub_probe_reads_the_status(monkeypatch, fresh_probe, status, expect):
     from huggingface_hub import constants, utils
 
     class Session:
