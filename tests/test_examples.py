@@ -64,7 +64,7 @@ def small(data):
     return dataset, frame.head(60)
 
 
-CFG = PromptConfig(history_items=5)
+CFG = PromptConfig(history_items=5, max_train_examples=0)
 
 
 def build(frame, dataset, tok, split="train", **changes):

