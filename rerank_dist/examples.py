@@ -14,8 +14,9 @@ Training candidates (``PromptConfig.negatives``):
 
 Validation/test candidates are exactly as retrieved; a missing target gives ``label_index=-1``
 (scored as a miss). With ``shuffle_candidates`` the displayed order is a permutation seeded by
-(seed, user, prefix_len), so every letter is the answer about equally often and a model cannot
-win by learning a position.
+(seed, user, prefix_len), and the target's slot cycles through seeded permutations of the labels,
+so every letter is the answer equally often (counts differ by at most one) and a model cannot win
+by learning a position.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rerank_dist.config import PromptConfig
 from rerank_dist.prompts import PromptError, TitleBook, encode_prompts, render_prompt
 
 # Salts keep the shuffling and sampling streams of one example independent.
-_SHUFFLE, _SAMPLE, _SUBSET = 1, 2, 3
+_SHUFFLE, _SAMPLE, _SUBSET, _BALANCE = 1, 2, 3, 4
 
 
 class ExamplesError(PromptError):
@@ -114,7 +115,7 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
     labels = list(labels)
     book = TitleBook(dataset.titles, tokenizer, cfg.title_max_tokens)
     examples: list[Example] = []
-    missing = truncated_prompts = dropped = 0
+    missing = truncated_prompts = dropped = placed = 0
     token_counts: list[int] = []
     for user, prefix_len, target, retrieved in _rows(candidates, split, cfg):
         if len(retrieved) != len(labels):
@@ -130,8 +131,9 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
         else:
             shown = list(retrieved)
         if cfg.shuffle_candidates:
-            order = _rng(cfg.seed, user, prefix_len, _SHUFFLE).permutation(len(shown)).tolist()
-            shown = [shown[i] for i in order]
+            slot = _balanced_slot(cfg.seed, placed, len(shown)) if target in shown else None
+            shown = _shuffle(shown, target, slot, _rng(cfg.seed, user, prefix_len, _SHUFFLE))
+            placed += target in shown
         rank = {item: i for i, item in enumerate(retrieved)}
         rendered = render_prompt(tokenizer, cfg, labels, [book(i) for i in history], [book(i) for i in shown])
         truncated_prompts += rendered.history_dropped > 0
@@ -146,6 +148,27 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
                  prompt_tokens_max=max(token_counts, default=0),
                  prompt_tokens_mean=round(float(np.mean(token_counts)), 1) if token_counts else 0.0)
     return examples, stats
+
+
+def _balanced_slot(seed: int, j: int, k: int) -> int:
+    """Display slot of the target for the j-th example that has one.
+
+    Slots come from consecutive seeded permutations of range(k), so over any n examples every slot
+    is the answer floor(n/k) or ceil(n/k) times: exact balance even for a few hundred examples, where
+    an independent shuffle per example would leave some letters answered twice as often as others.
+    """
+    block = np.random.default_rng([int(seed), _BALANCE, j // k]).permutation(k)
+    return int(block[j % k])
+
+
+def _shuffle(shown: list[int], target: int, slot: int | None, rng: np.random.Generator) -> list[int]:
+    """Seeded shuffle of the candidates; the target (if present) goes to ``slot``."""
+    order = [shown[i] for i in rng.permutation(len(shown))]
+    if slot is None:
+        return order
+    order.remove(target)
+    order.insert(slot, target)
+    return order
 
 
 def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]:
