@@ -24,7 +24,7 @@ TEST_KS = (5, 10, 20)
 
 
 def generate_candidates(model: LRURec, sequences: Mapping[int, Sequence[int]], split: str, top_k: int,
-                        max_len: int, train_prefixes_per_user: int = 1, batch_size: int = 128) -> pd.DataFrame:
+                        max_len: int, train_prefixes_per_user: int = 1, batch_size: int = 32) -> pd.DataFrame:
     """Top-K candidates for every example of a split (see the module docstring for the columns)."""
     examples = split_examples(sequences, split, train_prefixes_per_user)
     histories = [list(sequences[u][:n]) for u, n in examples]

@@ -18,7 +18,7 @@ from rerank_dist.retrieval.sequences import left_pad
 
 @torch.no_grad()
 def masked_catalogue_scores(model: LRURec, histories: Sequence[Sequence[int]], max_len: int,
-                            batch_size: int = 128) -> Iterator[torch.Tensor]:
+                            batch_size: int = 32) -> Iterator[torch.Tensor]:
     """Yield (b, V+1) scores per batch of histories; history items and padding are -inf.
 
     The model sees the last max_len items of each history; the whole history is excluded.
@@ -49,7 +49,7 @@ def ranks_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def full_catalogue_ranks(model: LRURec, histories: Sequence[Sequence[int]], targets: Sequence[int],
-                         max_len: int, batch_size: int = 128) -> np.ndarray:
+                         max_len: int, batch_size: int = 32) -> np.ndarray:
     """Rank of each target over the whole catalogue (history excluded) -> (N,) int array."""
     targets_t = torch.as_tensor(list(targets), dtype=torch.long)
     out = []
