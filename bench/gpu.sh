@@ -7,8 +7,8 @@ set -euo pipefail
 OUT="${OUT:-runs/bench}"
 mkdir -p "$OUT"
 if ! python3 -c "import bitsandbytes" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  python3 -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl
+  export PYTHONPATH="$PWD/.whl/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
