@@ -51,6 +51,7 @@ class RetrieverConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay")
     batch_size: int = _f(16, "training batch size")
     max_epochs: int = _f(200, "upper bound on epochs; early stopping usually ends sooner")
+    ema_decay: float = _f(0.998, "validate and keep an exponential moving average of the weights, updated every step (0 = raw weights, as LlamaRec)")
     patience: int = _f(5, "validations without Recall@10 improvement before stopping")
     eval_every_epochs: int = _f(1, "validate every this many epochs")
     max_minutes: float = _f(6.0, "wall-clock budget for training; 0 = none (best checkpoint is kept)")
@@ -295,6 +296,8 @@ def validate(cfg: RunConfig) -> list[str]:
         v = getattr(getattr(cfg, section), name)
         if not 0.0 <= v <= 1.0:
             errs.append(f"{d}: expected a value in [0, 1], got {v!r}")
+    if not 0.0 <= cfg.retriever.ema_decay < 1.0:
+        errs.append(f"retriever.ema_decay: expected a value in [0, 1) (0 = off), got {cfg.retriever.ema_decay!r}")
     if cfg.data.source == "local" and not cfg.data.raw_dir:
         errs.append("data.raw_dir: required when data.source=local (a directory with ratings.csv and movies.csv)")
     labels = LABEL_SETS.get(cfg.prompt.labels)

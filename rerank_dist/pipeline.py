@@ -1,12 +1,16 @@
 """Stages and their order: prepare -> retrieve -> train -> score -> report.
 
 Each stage reads the previous stage's files in the run directory and writes its own. A stage whose
-outputs exist for the same resolved config (hash of the sections it depends on) is skipped, so a
-rerun after a crash continues where it stopped.
+outputs exist for the same inputs is skipped, so a rerun after a crash continues where it stopped.
+A stage's inputs are the config sections it depends on, the key of the stage before it (so a stage
+that is redone makes every later one redo too) and, for data.source=local, the raw files' contents.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,27 +27,54 @@ STAGE_INPUTS = {
 }
 
 
-def _done(stage_dir: Path, cfg: RunConfig, stage: str) -> bool:
-    marker = stage_dir / "stage.json"
-    return marker.is_file() and read_json(marker).get("config_hash") == cfg.section_hash(*STAGE_INPUTS[stage])
+UPSTREAM = {"prepare": None, "retrieve": "prepare", "train": "retrieve"}
+MARKER = "stage.json"
+# Train fields that only say how long to run, how often to checkpoint and how to validate: changing
+# them continues the same training run (resume), any other change starts a new one.
+RUN_LENGTH_FIELDS = {"epochs", "max_steps", "max_minutes", "save_every", "eval_every", "eval_users", "resume"}
+RANKER_INPUTS = "inputs.json"
 
 
-def _mark(stage_dir: Path, cfg: RunConfig, stage: str, seconds: float) -> None:
-    write_json(stage_dir / "stage.json", {"stage": stage, "config_hash": cfg.section_hash(*STAGE_INPUTS[stage]),
-                                          "seconds": round(seconds, 1)})
+def _stage_dir(cfg: RunConfig, stage: str) -> Path:
+    paths = RunPaths(Path(cfg.run_dir))
+    return {"prepare": paths.data, "retrieve": paths.retriever, "train": paths.ranker}[stage]
+
+
+def _stage_key(cfg: RunConfig, stage: str) -> str:
+    """What a stage's outputs were made from (see the module docstring), as one hash."""
+    parts = [cfg.section_hash(*STAGE_INPUTS[stage])]
+    upstream = UPSTREAM[stage]
+    if upstream is not None:
+        marker = _stage_dir(cfg, upstream) / MARKER
+        parts.append(read_json(marker).get("key", "") if marker.is_file() else "not run")
+    if stage == "prepare" and cfg.data.source == "local":
+        from rerank_dist.data.sources import local_fingerprint
+
+        parts.append(local_fingerprint(cfg.data.raw_dir))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _done(cfg: RunConfig, stage: str) -> bool:
+    marker = _stage_dir(cfg, stage) / MARKER
+    return marker.is_file() and read_json(marker).get("key") == _stage_key(cfg, stage)
+
+
+def _mark(cfg: RunConfig, stage: str, seconds: float) -> None:
+    write_json(_stage_dir(cfg, stage) / MARKER, {"stage": stage, "key": _stage_key(cfg, stage),
+                                                 "seconds": round(seconds, 1)})
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.data.prepare import prepare_data
 
     paths = RunPaths(Path(cfg.run_dir))
-    if _done(paths.data, cfg, "prepare"):
+    if _done(cfg, "prepare"):
         log(f"[prepare] up to date: {paths.data}")
         return read_json(paths.data / "meta.json")
     started = time.time()
     log(f"[prepare] {cfg.data.dataset} from {cfg.data.source} -> {paths.data}")
     meta = prepare_data(cfg.data, paths.data, cache_dir(cfg.model.cache_dir), log=log)
-    _mark(paths.data, cfg, "prepare", time.time() - started)
+    _mark(cfg, "prepare", time.time() - started)
     return meta
 
 
@@ -52,29 +83,58 @@ def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.retrieval.stage import run_retriever_stage
 
     paths = RunPaths(Path(cfg.run_dir))
-    if _done(paths.retriever, cfg, "retrieve"):
+    if _done(cfg, "retrieve"):
         log(f"[retrieve] up to date: {paths.retriever}")
         return read_json(paths.retriever / "metrics_test.json")
     started = time.time()
     log(f"[retrieve] training LRURec (budget {cfg.retriever.max_minutes} min) -> {paths.retriever}")
     metrics = run_retriever_stage(cfg.retriever, load_dataset(paths.data), paths.retriever, log=log)
-    _mark(paths.retriever, cfg, "retrieve", time.time() - started)
+    _mark(cfg, "retrieve", time.time() - started)
     return metrics
 
 
+def _training_run_key(cfg: RunConfig) -> str:
+    """What makes two trainings the same run that one may resume: the retriever's candidates and
+    every setting except RUN_LENGTH_FIELDS."""
+    marker = _stage_dir(cfg, "retrieve") / MARKER
+    payload = {"retrieve": read_json(marker).get("key", "") if marker.is_file() else "not run",
+               **{s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "retriever", "prompt", "model")},
+               "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_LENGTH_FIELDS}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_aside_other_run(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Outputs in ranker/ from a training with other inputs must not be resumed (that would quietly
+    continue the old run): move them to ranker.replaced-<time>/ and record this run's inputs."""
+    paths = RunPaths(Path(cfg.run_dir))
+    key = _training_run_key(cfg)
+    inputs = paths.ranker / RANKER_INPUTS
+    if paths.ranker.is_dir() and any(paths.ranker.iterdir()):
+        if inputs.is_file() and read_json(inputs).get("key") == key:
+            return
+        moved = paths.root / f"ranker.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths.ranker.rename(moved)
+        log(f"[train] {paths.ranker} held a training with other inputs; moved it to {moved}, starting afresh")
+    write_json(inputs, {"key": key})
+
+
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    from accelerate import PartialState
+
     from rerank_dist.train import train as train_loop
 
     paths = RunPaths(Path(cfg.run_dir))
-    if _done(paths.ranker, cfg, "train") and (paths.best / "adapter_model.safetensors").is_file():
+    if _done(cfg, "train") and (paths.best / "adapter_model.safetensors").is_file():
         log(f"[train] up to date: {paths.best}")
         return read_json(paths.ranker / "train_summary.json")
+    state = PartialState()
+    if state.is_main_process:
+        _set_aside_other_run(cfg, log)
+    state.wait_for_everyone()
     started = time.time()
     summary = train_loop(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        _mark(paths.ranker, cfg, "train", time.time() - started)
+    if state.is_main_process:
+        _mark(cfg, "train", time.time() - started)
     return summary
 
 

@@ -11,7 +11,7 @@ from rerank_dist.config import LABEL_SETS, PromptConfig
 from rerank_dist.examples import ExamplesError, build_examples, tokenize_examples
 from rerank_dist.prompts import encode_prompt
 from rerank_dist.verbalizer import resolve_label_ids
-from tests.tiny_tokenizers import TITLES, build_bytelevel_bpe, build_sentencepiece_like
+from tests.tiny_tokenizers import TITLES, build_sentencepiece_like
 
 K = 20
 LABELS = LABEL_SETS["letters"][:K]
@@ -46,11 +46,6 @@ def make_data(users=600, seq_len=12, absent_rate=0.2, seed=0):
                      "retriever_scores": [float(K - i) for i in range(K)],
                      "target_rank": cands.index(target) if target in cands else -1})
     return FakeDataset(titles, sequences, NUM_ITEMS), pd.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return build_bytelevel_bpe(tmp_path_factory.mktemp("bpe"))
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,39 @@ def test_resume_continues_the_step_count(trained_run, tmp_path):
     assert (copy / "ranker" / "step-000006").is_dir()
 
 
+def test_a_training_with_other_inputs_is_set_aside_not_resumed(trained_run, tmp_path):
+    """Changing a setting that shapes training (here the learning rate) must not continue the old
+    run's checkpoints: the old ranker/ is moved aside intact and training starts at step 1."""
+    run_dir, overrides = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.lr=5e-3", "train.max_steps=2"])
+    summary = pipeline.train(cfg)
+    assert summary["resumed_from"] == "" and summary["steps"] == 2
+    (moved,) = copy.glob("ranker.replaced-*")
+    assert (moved / "best" / "adapter_model.safetensors").is_file() and (moved / "step-000004").is_dir()
+    log = [json.loads(line) for line in (copy / "ranker" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+def test_changed_local_raw_files_redo_prepare_and_what_follows(tmp_path, capsys):
+    from tests.test_data import dense_block, write_local
+
+    movies = [(m, f"Movie {m} (2000)") for m in range(1, 9)]
+    raw = write_local(tmp_path / "raw", dense_block(range(1, 7), range(1, 9)), movies)
+    cfg = load_config(overrides=[f"run_dir={tmp_path / 'run'}", "data.source=local", f"data.raw_dir={raw}",
+                                 "data.min_count=1"])
+    pipeline.prepare(cfg)
+    pipeline._mark(cfg, "retrieve", 0.0)  # stands in for a finished retrieve stage
+    assert pipeline._done(cfg, "retrieve")
+    pipeline.prepare(cfg)
+    assert capsys.readouterr().out.count("up to date") == 1
+    write_local(raw, dense_block(range(1, 8), range(1, 9)), movies)  # one more user, same config
+    assert not pipeline._done(cfg, "prepare")
+    assert pipeline.prepare(cfg)["num_users"] == 7
+    assert not pipeline._done(cfg, "retrieve")
+
+
 def test_stages_are_skipped_when_up_to_date(trained_run, capsys):
     run_dir, overrides = trained_run
     cfg = load_config(overrides=overrides)

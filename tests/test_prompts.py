@@ -7,17 +7,6 @@ import pytest
 from rerank_dist.config import PromptConfig
 from rerank_dist.prompts import (PromptError, TitleBook, apply_template, encode_prompt, encode_prompts,
                                  format_input, render_prompt, sanitize_title, truncate_title)
-from tests.tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return build_bytelevel_bpe(tmp_path_factory.mktemp("bpe"))
-
-
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory):
-    return build_sentencepiece_like(tmp_path_factory.mktemp("spm"))
 
 
 HISTORY = ["Toy Story (1995)", "Heat (1995)"]

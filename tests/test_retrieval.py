@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from types import SimpleNamespace
 
@@ -37,7 +38,7 @@ def quiet(_msg: str) -> None:
 
 def tiny_cfg(**kw) -> RetrieverConfig:
     base = dict(embed_dim=16, num_blocks=2, dropout=0.0, attn_dropout=0.0, max_len=16, batch_size=8,
-                max_epochs=2, patience=50, max_minutes=0.0, top_k=5, seed=0)
+                max_epochs=2, patience=50, max_minutes=0.0, top_k=5, seed=0, ema_decay=0.0)
     return RetrieverConfig(**{**base, **kw})
 
 
@@ -178,6 +179,26 @@ def test_training_is_seeded_and_stops_on_budget():
     assert summary.stopped_by == "time_budget" and summary.steps == 1 and summary.best_epoch == 1
 
 
+def test_weight_average_is_what_gets_validated_and_kept():
+    """With ema_decay=d and one step per epoch, the kept weights after two epochs are d*W1 + (1-d)*W2,
+    where W1 and W2 are the raw weights after steps 1 and 2 (the raw trajectory is unchanged)."""
+    sequences = stride_sequences(num_users=10)  # 10 windows, batch 10: one step per epoch
+    raw = [train_retriever(tiny_cfg(max_epochs=n, eval_every_epochs=n, batch_size=10, lr=0.05), sequences,
+                           NUM_ITEMS, log=quiet, progress=False)[0] for n in (1, 2)]
+    decay = 0.75
+    averaged, summary = train_retriever(tiny_cfg(max_epochs=2, eval_every_epochs=2, batch_size=10, lr=0.05,
+                                                 ema_decay=decay), sequences, NUM_ITEMS, log=quiet, progress=False)
+    assert summary.best_epoch == 2 and len(summary.history) == 1
+    w1, w2, got = (dict(m.named_parameters()) for m in (*raw, averaged))
+    for name, p in got.items():
+        assert torch.allclose(p, decay * w1[name] + (1 - decay) * w2[name], atol=1e-6), name
+    assert not torch.equal(got["bias"], w2["bias"])
+    # The validation result belongs to the averaged weights.
+    users = sorted(sequences)
+    ranks = full_catalogue_ranks(averaged, [sequences[u][:-2] for u in users], [sequences[u][-2] for u in users], 16)
+    assert metrics_from_ranks(ranks, ks=(10,))["recall@10"] == pytest.approx(summary.best_val["recall@10"])
+
+
 def test_early_stopping_keeps_the_best_weights():
     sequences = stride_sequences(num_users=10)
     model, summary = train_retriever(tiny_cfg(max_epochs=30, patience=1, lr=0.3), sequences, NUM_ITEMS,
@@ -241,6 +262,11 @@ def test_checkpoint_round_trip_gives_identical_scores(trained, tmp_path):
     assert checkpoint_matches(tmp_path, dataclasses.replace(cfg, top_k=50), NUM_ITEMS)
     assert not checkpoint_matches(tmp_path, dataclasses.replace(cfg, dropout=0.3), NUM_ITEMS)
     assert not checkpoint_matches(tmp_path, cfg, NUM_ITEMS + 1)
+    # A checkpoint written before a training field existed is not mistaken for one that used its default.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["retriever"]["ema_decay"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert not checkpoint_matches(tmp_path, dataclasses.replace(cfg, ema_decay=RetrieverConfig().ema_decay), NUM_ITEMS)
     (tmp_path / "config.json").unlink()
     assert not checkpoint_matches(tmp_path, cfg, NUM_ITEMS)
     with pytest.raises(FileNotFoundError):

@@ -6,19 +6,9 @@ from rerank_dist.config import LABEL_SETS, PromptConfig
 from rerank_dist.prompts import apply_template, encode_prompt, format_input, render_prompt
 from rerank_dist.verbalizer import (VerbalizerError, describe_label_ids, naive_mismatches, resolve_label_ids,
                                     verify_label_ids)
-from tests.tiny_tokenizers import build_bytelevel_bpe, build_sentencepiece_like
+from tests.tiny_tokenizers import build_sentencepiece_like
 
 LETTERS20 = LABEL_SETS["letters"][:20]
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    return build_bytelevel_bpe(tmp_path_factory.mktemp("bpe"))
-
-
-@pytest.fixture(scope="module")
-def spm(tmp_path_factory):
-    return build_sentencepiece_like(tmp_path_factory.mktemp("spm"))
 
 
 def prompt_for(tok, labels, history=("Toy Story (1995)", "Heat (1995)"), template="alpaca_short"):

@@ -73,6 +73,21 @@ def load_raw(cfg: DataConfig, cache_dir: str | Path) -> RawData:
     raise DataError(f"data.source: expected bundled, download or local, got {cfg.source!r}")
 
 
+def local_fingerprint(raw_dir: str | Path) -> str:
+    """SHA-256 over the raw files of a local source ("missing" for an absent one), so a prepared
+    dataset can tell that the files it was made from have changed since."""
+    digest = hashlib.sha256()
+    for name in RAW_FILES:
+        path = Path(raw_dir) / name
+        digest.update(name.encode())
+        if path.is_file():
+            with path.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            digest.update(b"missing")
+    return digest.hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

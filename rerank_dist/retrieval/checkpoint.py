@@ -54,9 +54,12 @@ def checkpoint_matches(ckpt_dir: str | Path, cfg: RetrieverConfig, num_items: in
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / CONFIG_FILE).is_file() or not (ckpt_dir / MODEL_FILE).is_file():
         return False
-    saved, saved_items = read_retriever_config(ckpt_dir)
-    return saved_items == num_items and _training_fields(saved) == _training_fields(cfg)
+    # Compared as saved, not through RetrieverConfig: a checkpoint from before a field existed
+    # lacks it and must not inherit today's default.
+    raw = read_json(ckpt_dir / CONFIG_FILE)
+    return int(raw["num_items"]) == num_items and _training_fields(raw["retriever"]) == _training_fields(
+        dataclasses.asdict(cfg))
 
 
-def _training_fields(cfg: RetrieverConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TRAINING}
+def _training_fields(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if k not in _NOT_TRAINING}
