@@ -4,14 +4,15 @@ Protocol: train on seq[:-2] of every user (long sequences cut into max_len windo
 end), full-softmax cross-entropy over the whole catalogue at every position, AdamW (lr 1e-3,
 wd 0.01 except biases and LayerNorms, eps 1e-9), gradient norm clipped at 5. After each
 validation interval the model ranks seq[-2] over the whole catalogue (history excluded) from
-seq[:-2]; the weights with the best Recall@10 are kept; training stops after `patience`
-validations without improvement, after max_epochs, or when `max_minutes` have passed.
+seq[:-2]; the weights with the best Recall@10 are kept (the newer on a tie); training stops
+after `patience` validations below the best, after max_epochs, or when `max_minutes` have passed.
 
 One addition to LlamaRec: what is validated and kept is an exponential moving average of the
 weights (`ema_decay`, updated after every optimizer step). Ranking quality of the raw weights
 jumps by about one standard error from epoch to epoch (with 610 users, Recall@10 moves in steps
 of 1/610), so picking the best raw epoch partly picks noise; the average is smoother and, on
-ml-latest-small, better on test (bench/retriever_seeds.py). ema_decay=0 restores the original.
+ml-latest-small, better on test (bench/retriever_seeds.py). ema_decay=0 validates the raw
+weights, as LlamaRec does.
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
             continue
 
         val = evaluate(kept, val_histories, val_targets, cfg.max_len)
-        improved = best_state is None or val["recall@10"] > summary.best_val["recall@10"]
+        # Ties go to the newer weights: Recall@10 moves in steps of 1/#users, so ties are common,
+        # and a later average has seen more training.
+        improved = best_state is None or val["recall@10"] >= summary.best_val["recall@10"]
         if improved:
             best_state = copy.deepcopy(kept.state_dict())
             summary.best_epoch, summary.best_val, bad_validations = epoch, val, 0
