@@ -51,7 +51,7 @@ class RetrieverConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay")
     batch_size: int = _f(16, "training batch size")
     max_epochs: int = _f(200, "upper bound on epochs; early stopping usually ends sooner")
-    ema_decay: float = _f(0.998, "validate and keep an exponential moving average of the weights, updated every step (0 = raw weights, as LlamaRec)")
+    ema_decay: float = _f(0.0, "validate and keep an exponential moving average of the weights, updated every step, e.g. 0.998 (0 = the raw weights, as LlamaRec)")
     patience: int = _f(5, "validations without Recall@10 improvement before stopping")
     eval_every_epochs: int = _f(1, "validate every this many epochs")
     max_minutes: float = _f(6.0, "wall-clock budget for training; 0 = none (best checkpoint is kept)")
