@@ -57,6 +57,7 @@ class RetrieverConfig:
     max_minutes: float = _f(6.0, "wall-clock budget for training; 0 = none (best checkpoint is kept)")
     top_k: int = _f(20, "candidates retrieved per user (over the whole catalogue, history excluded)")
     train_prefixes_per_user: int = _f(1, "training prefixes per user for which candidates are made")
+    train_candidates: str = _f("held_out", "retriever for training-prefix candidates: held_out (a second retriever trained on seq[:-(2 + train_prefixes_per_user)], so training candidates are as hard as test ones; doubles retriever time) | same (the one trained on seq[:-2], which has seen those targets and retrieves them about 2.5x as often as test targets)")
     seed: int = _f(42, "random seed for the retriever")
 
 
@@ -147,6 +148,7 @@ _CHOICES = {
     "prompt.template": {"alpaca_short", "chat"},
     "prompt.labels": set(LABEL_SETS),
     "prompt.negatives": {"retriever", "random", "mixed"},
+    "retriever.train_candidates": {"same", "held_out"},
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},

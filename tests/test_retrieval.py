@@ -27,7 +27,7 @@ from rerank_dist.retrieval import (
     train_retriever,
 )
 from rerank_dist.retrieval.scoring import ranks_of_targets
-from rerank_dist.retrieval.sequences import left_pad, training_windows, window_batch
+from rerank_dist.retrieval.sequences import left_pad, retriever_training_sequences, training_windows, window_batch
 
 NUM_ITEMS = 80
 
@@ -291,3 +291,36 @@ def test_stage_writes_candidates_and_metrics_then_reuses_the_checkpoint(tmp_path
     assert any("reusing" in m for m in messages)
     assert again["full_catalogue"] == metrics["full_catalogue"]
     assert pd.read_parquet(tmp_path / "candidates_test.parquet")["candidates"].map(len).eq(7).all()
+
+
+def test_held_out_training_sequences_keep_back_the_latest_items():
+    sequences = {1: [1, 2, 3, 4, 5, 6], 2: [7, 8, 9]}
+    assert retriever_training_sequences(sequences) == [[1, 2, 3, 4], [7]]
+    assert retriever_training_sequences(sequences, held_out=3) == [[1, 2, 3]]
+
+
+def test_held_out_retriever_makes_the_training_candidates(tmp_path):
+    """train_candidates=held_out: training-prefix candidates come from a second retriever that never
+    had those targets as labels; validation and test candidates still come from the main one."""
+    dataset = SimpleNamespace(sequences=stride_sequences(num_users=12), num_items=NUM_ITEMS)
+    cfg = tiny_cfg(max_epochs=2, train_prefixes_per_user=2, train_candidates="held_out")
+    messages: list[str] = []
+    metrics = run_retriever_stage(cfg, dataset, tmp_path, log=messages.append)
+    assert metrics["train_candidates"] == "held_out" and metrics["training_held_out"]["epochs"] == 2
+    assert any("seq[:-4]" in m for m in messages)  # 2 (val + test) + 2 training prefixes held out
+    held_out = load_retriever(tmp_path / "held_out")
+    assert json.loads((tmp_path / "held_out" / "config.json").read_text())["held_out"] == 4
+    assert checkpoint_matches(tmp_path / "held_out", cfg, NUM_ITEMS, held_out=4)
+    assert not checkpoint_matches(tmp_path / "held_out", cfg, NUM_ITEMS)  # not a main retriever
+    main = load_retriever(tmp_path)
+    for split, model in (("train", held_out), ("val", main), ("test", main)):
+        expected = generate_candidates(model, dataset.sequences, split, cfg.top_k, cfg.max_len, 2)
+        written = pd.read_parquet(tmp_path / f"candidates_{split}.parquet")
+        assert written["candidates"].map(list).tolist() == expected["candidates"].map(list).tolist(), split
+    from_main = generate_candidates(main, dataset.sequences, "train", cfg.top_k, cfg.max_len, 2)
+    assert from_main["candidates"].map(list).tolist() != pd.read_parquet(
+        tmp_path / "candidates_train.parquet")["candidates"].map(list).tolist()
+    # Switching back reuses the main checkpoint: train_candidates does not change how it is trained.
+    messages.clear()
+    run_retriever_stage(dataclasses.replace(cfg, train_candidates="same"), dataset, tmp_path, log=messages.append)
+    assert any("reusing" in m for m in messages) and not any("second retriever" in m for m in messages)

@@ -30,9 +30,13 @@ def split_examples(sequences: Mapping[int, Sequence[int]], split: str,
     return examples
 
 
-def retriever_training_sequences(sequences: Mapping[int, Sequence[int]]) -> list[list[int]]:
-    """seq[:-2] of every user (all but the validation and test targets), users ascending."""
-    return [list(sequences[u][:-2]) for u in sorted(sequences) if len(sequences[u]) > 2]
+def retriever_training_sequences(sequences: Mapping[int, Sequence[int]], held_out: int = 2) -> list[list[int]]:
+    """seq[:-held_out] of every user with anything left, users ascending.
+
+    held_out=2 keeps back the validation and test targets; more also keeps back the latest
+    training-prefix targets (for a retriever that must not have seen them).
+    """
+    return [list(sequences[u][:-held_out]) for u in sorted(sequences) if len(sequences[u]) > held_out]
 
 
 def training_windows(sequences: Sequence[Sequence[int]], max_len: int,

@@ -90,23 +90,25 @@ def evaluate(model: LRURec, histories: Sequence[Sequence[int]], targets: Sequenc
 
 
 def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]], num_items: int,
-                    log: Callable[[str], None] = print, progress: bool = True) -> tuple[LRURec, TrainSummary]:
-    """Train from scratch on seq[:-2] of every user; return the best-validation model (eval mode)."""
+                    log: Callable[[str], None] = print, progress: bool = True,
+                    held_out: int = 2) -> tuple[LRURec, TrainSummary]:
+    """Train from scratch on seq[:-held_out] of every user (default: all but the validation and test
+    targets); return the best-validation model (eval mode). Validation is always seq[-2] from seq[:-2]."""
     seed_everything(cfg.seed)
     model = LRURec.from_config(cfg, num_items)
     optimizer = make_optimizer(model, cfg)
     # The weights that are validated and kept: the running average, or the raw weights themselves.
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
     kept = averaged.module if averaged is not None else model
-    windows = training_windows(retriever_training_sequences(sequences), cfg.max_len)
+    windows = training_windows(retriever_training_sequences(sequences, held_out), cfg.max_len)
     if not windows:
-        raise ValueError("no user has more than 2 items: nothing to train the retriever on")
+        raise ValueError(f"no user has more than {held_out} items: nothing to train the retriever on")
     val_histories, val_targets = validation_examples(sequences)
     order_rng = torch.Generator().manual_seed(cfg.seed)
     summary = TrainSummary()
     best_state, bad_validations, start = None, 0, time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
-    log(f"retriever: {len(windows)} training windows from {len(sequences)} users, {num_items} items, "
+    log(f"retriever: {len(windows)} training windows (seq[:-{held_out}]) from {len(sequences)} users, {num_items} items, "
         f"{len(val_targets)} validation users, budget {cfg.max_minutes:g} min"
         + (f", validating the weight average (decay {cfg.ema_decay:g})" if averaged is not None else ""))
 
