@@ -40,13 +40,18 @@ def _stage_dir(cfg: RunConfig, stage: str) -> Path:
     return {"prepare": paths.data, "retrieve": paths.retriever, "train": paths.ranker}[stage]
 
 
+def _recorded_key(cfg: RunConfig, stage: str) -> str:
+    """The key a finished stage recorded, or "not run"."""
+    marker = _stage_dir(cfg, stage) / MARKER
+    return read_json(marker).get("key", "") if marker.is_file() else "not run"
+
+
 def _stage_key(cfg: RunConfig, stage: str) -> str:
     """What a stage's outputs were made from (see the module docstring), as one hash."""
     parts = [cfg.section_hash(*STAGE_INPUTS[stage])]
     upstream = UPSTREAM[stage]
     if upstream is not None:
-        marker = _stage_dir(cfg, upstream) / MARKER
-        parts.append(read_json(marker).get("key", "") if marker.is_file() else "not run")
+        parts.append(_recorded_key(cfg, upstream))
     if stage == "prepare" and cfg.data.source == "local":
         from rerank_dist.data.sources import local_fingerprint
 
@@ -55,8 +60,7 @@ def _stage_key(cfg: RunConfig, stage: str) -> str:
 
 
 def _done(cfg: RunConfig, stage: str) -> bool:
-    marker = _stage_dir(cfg, stage) / MARKER
-    return marker.is_file() and read_json(marker).get("key") == _stage_key(cfg, stage)
+    return _recorded_key(cfg, stage) == _stage_key(cfg, stage)
 
 
 def _mark(cfg: RunConfig, stage: str, seconds: float) -> None:
@@ -96,8 +100,7 @@ def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 def _training_run_key(cfg: RunConfig) -> str:
     """What makes two trainings the same run that one may resume: the retriever's candidates and
     every setting except RUN_LENGTH_FIELDS."""
-    marker = _stage_dir(cfg, "retrieve") / MARKER
-    payload = {"retrieve": read_json(marker).get("key", "") if marker.is_file() else "not run",
+    payload = {"retrieve": _recorded_key(cfg, "retrieve"),
                **{s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "retriever", "prompt", "model")},
                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_LENGTH_FIELDS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
