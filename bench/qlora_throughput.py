@@ -59,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from rerank_dist.config import ModelConfig
-    from rerank_dist.modeling import label_logits, load_model
+    from rerank_dist.label_scoring import label_logits
+    from rerank_dist.modeling import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

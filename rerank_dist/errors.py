@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rerank_dist.config import ConfigError
 from rerank_dist.data import DataError
-from rerank_dist.modeling import ModelSourceError
+from rerank_dist.model_source import ModelSourceError
 from rerank_dist.prompts import PromptError
 from rerank_dist.verbalizer import VerbalizerError
 

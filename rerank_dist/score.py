@@ -23,25 +23,13 @@ from tqdm.auto import tqdm
 
 from rerank_dist.config import RunConfig, labels_for
 from rerank_dist.io import read_json, write_json, write_parquet
+from rerank_dist.label_scoring import label_logits, left_pad
 from rerank_dist.metrics import ranking_report, target_ranks
 from rerank_dist.paths import RunPaths
 
 
-def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts so the last position is the answer position in every row."""
-    width = max(len(t) for t in token_lists)
-    input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)  # (B, L)
-    for row, tokens in enumerate(token_lists):
-        input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, width - len(tokens):] = 1
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def _score_shard(model, token_lists, indices, label_ids, pad_id, batch_size, device, show) -> list[tuple[int, list[float]]]:
-    from rerank_dist.modeling import label_logits
-
     order = sorted(indices, key=lambda i: len(token_lists[i]), reverse=True)  # longest first: OOM shows at once
     out: list[tuple[int, list[float]]] = []
     bar = tqdm(total=len(order), desc="scoring", unit="prompt", disable=not show, dynamic_ncols=True)

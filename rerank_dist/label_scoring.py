@@ -1,0 +1,85 @@
+"""Reading label scores off a causal LM: left padding, position ids, the answer-position logits.
+
+Pure tensor code with no distributed concerns; the training loop and the scorer both call
+``label_logits``, so the ids the loss trains are the ids the scorer reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts so the last position is the answer position in every row."""
+    width = max(len(t) for t in token_lists)
+    input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)  # (B, L)
+    for row, tokens in enumerate(token_lists):
+        input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, width - len(tokens):] = 1
+    return input_ids, attention_mask
+
+
+def left_pad_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token, as generate() numbers them.
+
+    A plain forward numbers positions 0..L-1 whatever the mask, so a left-padded prompt would
+    start at position L - len. Rotary attention only sees relative offsets, so that shift
+    changes scores by rounding alone, but rotary variants that scale with the absolute position
+    and absolute-position models would score a padded prompt differently from the same prompt alone.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, L)
+    return positions.clamp(min=0)  # pad slots get 0; they are masked out anyway
+
+
+def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 label_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of the K label tokens at the answer position, as float32 (B, K).
+
+    Inputs must be left padded, so the last column is every row's answer position. Only that
+    position reaches the head (logits_to_keep=1): full (B, L, V) logits would cost L times the
+    memory for values nobody reads. The model is called as a whole, so DDP / PEFT wrappers see
+    the forward. Gradients flow when the caller allows them.
+
+    The K label rows are then projected again in float32 from the hidden state the head received:
+    bf16 logits near 25 are spaced 0.125 apart, coarse enough to tie candidates.
+    """
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("label_logits needs left-padded inputs: the last column of attention_mask has zeros")
+    head = _plain_output_head(model)
+    seen: dict[str, torch.Tensor] = {}
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0])) if head is not None else None
+    try:
+        out = model(
+            input_ids=input_ids,  # (B, L)
+            attention_mask=attention_mask,  # (B, L)
+            position_ids=left_pad_position_ids(attention_mask),  # (B, L)
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    label_ids = label_ids.to(out.logits.device)
+    if "h" in seen and head.weight.numel() > 0:  # numel 0: weights partitioned away (ZeRO-3)
+        hidden = seen["h"][:, -1, :].float()  # (B, D)
+        rows = head.weight.index_select(0, label_ids).float()  # (K, D)
+        logits = hidden @ rows.T  # (B, K)
+        return logits + head.bias.index_select(0, label_ids).float() if head.bias is not None else logits
+    return out.logits[:, -1, :].index_select(-1, label_ids).float()  # (B, V) -> (B, K)
+
+
+def _plain_output_head(model: Any) -> torch.nn.Linear | None:
+    """The model's lm head if logits are exactly hidden @ W.T (+ b); None where that is not known.
+
+    A head with its own adapter or quantization, or a model that rescales / soft-caps its logits,
+    is scored from the model's own logits instead.
+    """
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    config = getattr(inner, "config", None)
+    rescaled = any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+    return head if type(head) is torch.nn.Linear and not rescaled else None
