@@ -1,7 +1,7 @@
 """Typed configuration for every stage.
 
 Each field has a type, a default and a one-line doc (the ``doc`` metadata), so
-``rerank-dist config --help-fields`` can print them all. A run is described by one
+``rerank-dist config --fields`` can print them all. A run is described by one
 ``RunConfig``: defaults, then a YAML file, then dotted command-line overrides
 (``train.lr=2e-4``). ``validate`` collects *every* problem before any model loads.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +101,15 @@ class TrainConfig:
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)")
     max_minutes: float = _f(10.0, "stop training after this wall time, keeping the best adapter (0 = none)")
     batch_size: int = _f(8, "examples per optimizer step, across all processes (LlamaRec: 16)")
-    micro_batch_size: int = _f(1, "examples per forward pass per process")
+    micro_batch_size: int = _f(1, "largest examples per forward pass per process; the batch plan may use fewer so that batch_size is met exactly at any world size (see plan.py)")
+    mixed_precision: str = _f("no", "autocast for forward and backward, passed to the Accelerator (a launcher's --mixed_precision does not override it): no | bf16 | fp16")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eval_every: int = _f(8, "validate every this many optimizer steps (and at the end)")
     eval_users: int = _f(64, "validation users scored at each evaluation (0 = all)")
-    save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = only at the end)")
+    save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = by time only, and at the end)")
+    save_every_minutes: float = _f(5.0, "also write one when this many minutes passed since the last (0 = off), so a killed run loses at most that much")
+    keep_last: int = _f(3, "step-NNNNNN/ checkpoints kept, newest first; the best step's is kept as well (0 = keep all)")
+    report_to: list[str] = _f([], "experiment trackers fed on the main process (loss, lr, tokens/s, grad norm, validation): tensorboard | wandb | mlflow | comet_ml | aim | clearml | dvclive | none; files go to <run_dir>/ranker/trackers")
     resume: bool = _f(True, "continue from the newest step-NNNNNN/ checkpoint in the run directory")
     seed: int = _f(42, "seed for data order and LoRA init")
 
@@ -117,6 +122,14 @@ class ScoreConfig:
 
 
 @dataclass
+class ExportConfig:
+    in_run: bool = _f(True, "`rerank-dist run` ends with the export (false: only `rerank-dist export` writes it)")
+    merged: bool = _f(True, "also write export/merged/: the base reloaded unquantized with the adapter merged in, as sharded safetensors")
+    dtype: str = _f("auto", "dtype of the merged weights: auto (model.dtype; a 4-bit model is merged in its compute dtype) | bfloat16 | float16 | float32")
+    max_shard_size: str = _f("5GB", "largest safetensors shard of the merged model, e.g. 2GB or 500MB")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "directory that holds every stage's outputs")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "data preparation"})
@@ -125,6 +138,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "LLM backbone and LoRA"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "ranker training loop"})
     score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"doc": "scoring"})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "export of the best adapter and the merged model"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +166,12 @@ _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "train.mixed_precision": {"no", "bf16", "fp16"},
+    "export.dtype": {"auto", "bfloat16", "float16", "float32"},
 }
+# Sizes as transformers' save_pretrained(max_shard_size=...) reads them.
+_SHARD_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+TRACKERS = {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"}
 
 
 # ---------------------------------------------------------------- building
@@ -291,8 +310,14 @@ def validate(cfg: RunConfig) -> list[str]:
         positive(d)
     for d in ["retriever.weight_decay", "retriever.max_minutes", "prompt.max_train_examples",
               "train.weight_decay", "train.warmup_steps", "train.max_steps", "train.max_minutes",
-              "train.max_grad_norm", "train.eval_users", "train.save_every", "score.max_users"]:
+              "train.max_grad_norm", "train.eval_users", "train.save_every", "train.save_every_minutes",
+              "train.keep_last", "score.max_users"]:
         positive(d, allow_zero=True)
+    unknown = [t for t in cfg.train.report_to if t not in TRACKERS]
+    if unknown:
+        errs.append(f"train.report_to: expected any of {sorted(TRACKERS)}, got {unknown}")
+    if not _SHARD_SIZE.fullmatch(cfg.export.max_shard_size.strip()):
+        errs.append(f"export.max_shard_size: expected a size such as 5GB, 500MB or 2GiB, got {cfg.export.max_shard_size!r}")
     for d in ["retriever.dropout", "retriever.attn_dropout", "model.lora_dropout", "prompt.mixed_random_fraction"]:
         section, name = d.split(".")
         v = getattr(getattr(cfg, section), name)

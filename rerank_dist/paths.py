@@ -47,6 +47,10 @@ class RunPaths:
         return self.root / f"metrics_{split}.json"
 
     @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.md"
 

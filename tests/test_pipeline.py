@@ -19,41 +19,9 @@ from rerank_dist.cli import main
 from rerank_dist.config import load_config
 from rerank_dist.io import read_json
 from rerank_dist.paths import RunPaths
-from tests.tiny_models import build_tiny_model
-from tests.tiny_tokenizers import build_bytelevel_bpe
+from tests.conftest import run_overrides as _overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _overrides(run_dir: Path, model_dir: Path, **extra: str) -> list[str]:
-    base = {
-        "run_dir": str(run_dir),
-        "retriever.embed_dim": "16", "retriever.max_epochs": "1", "retriever.max_len": "50",
-        "retriever.batch_size": "64", "retriever.max_minutes": "0",
-        "prompt.history_items": "5", "prompt.title_max_tokens": "8", "prompt.max_train_examples": "24",
-        "model.name_or_path": str(model_dir), "model.lora_r": "4", "model.dtype": "float32",
-        "train.batch_size": "4", "train.micro_batch_size": "2", "train.warmup_steps": "1",
-        "train.lr": "1e-2", "train.max_steps": "4", "train.eval_every": "2", "train.eval_users": "16",
-        "train.save_every": "2", "score.batch_size": "16",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_llama")
-    tok = build_bytelevel_bpe(root / "tok")
-    return build_tiny_model(root / "model", "llama", tok)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, model_dir) -> tuple[Path, list[str]]:
-    """prepare -> retrieve -> train -> score -> report once; tests below read its outputs."""
-    run_dir = tmp_path_factory.mktemp("run")
-    overrides = _overrides(run_dir, model_dir)
-    assert main(["run", *overrides]) == 0
-    return run_dir, overrides
 
 
 def test_every_stage_writes_its_outputs(trained_run):
