@@ -213,7 +213,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any) -> list[list[
     """Prompt token ids per example, tokenised exactly as ``verbalizer.resolve_label_ids`` does.
 
     Uses ``prompts.encode_prompt``'s convention: BOS only where the tokenizer's own convention adds
-    one and the text lacks it, no EOS. Training appends [label id, EOS]; scoring reads the logits at
-    the last position of these ids.
+    one and the text lacks it, no EOS. Training and scoring feed exactly these ids, with nothing
+    appended, and read the K label tokens' logits at their last position (the answer position).
+    Training's loss is the cross-entropy over those K logits, the correct label being the target: no
+    label token is ever fed as input and no EOS is trained.
     """
     return encode_prompts(tokenizer, [e.prompt for e in examples])

@@ -86,7 +86,8 @@ def verify_label_ids(tokenizer: Any, prompts: Sequence[str], labels: Sequence[st
 def naive_mismatches(tokenizer: Any, labels: Sequence[str], ids: Sequence[int]) -> list[str]:
     """Labels whose standalone tokenisation differs from their in-context id, as readable lines.
 
-    For reports and the doctor: shows where ``tokenizer.encode(label)`` would score the wrong token.
+    A diagnostic (no command calls it yet): shows where ``tokenizer.encode(label)`` would score the
+    wrong token.
     """
     lines = []
     for label, i in zip(labels, ids):

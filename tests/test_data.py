@@ -14,12 +14,10 @@ import pytest
 from rerank_dist.config import DataConfig
 from rerank_dist.data import (
     DataError,
-    Dataset,
     history_and_target,
     load_dataset,
     prefix_len_for,
     prepare_data,
-    retriever_train_sequences,
     train_prefix_lens,
 )
 from rerank_dist.data import sources
@@ -163,16 +161,89 @@ def test_prefix_convention():
         prefix_len_for(10, "dev")
 
 
-def test_retriever_never_sees_val_or_test_targets():
-    ds = Dataset(titles={i: str(i) for i in range(1, 6)}, sequences={1: [1, 2, 3, 4, 5], 2: [5, 4, 3]},
-                 num_items=5, meta={})
-    train = retriever_train_sequences(ds)
-    assert train == {1: [1, 2, 3], 2: [5]}
-    for user, seq in ds.sequences.items():
-        # The retriever's items end exactly where the validation target sits; every training
-        # example's target (position <= n - 3) lies inside them.
-        assert len(train[user]) == prefix_len_for(len(seq), "val")
-        assert all(p < len(train[user]) for p in train_prefix_lens(len(seq), len(seq)))
+def _retriever_run(tmp_path: Path, train_candidates: str) -> list[str]:
+    """Overrides for a prepare + retrieve run on local data where every item belongs to one user only."""
+    # 8 users x 7 items, no item shared: an item id seen in training names one user's one position.
+    rows = [(u, 100 * u + k, k) for u in range(1, 9) for k in range(7)]
+    root = write_local(tmp_path / "raw", rows, [(m, f"Movie {m} (2000)") for _, m, _ in rows])
+    return [f"run_dir={tmp_path / 'run'}", "data.source=local", f"data.raw_dir={root}", "data.min_count=1",
+            f"model.cache_dir={tmp_path / 'cache'}", "retriever.embed_dim=16", "retriever.num_blocks=1",
+            "retriever.max_len=16", "retriever.batch_size=8", "retriever.max_epochs=1", "retriever.max_minutes=0",
+            "retriever.top_k=5", "retriever.train_prefixes_per_user=2",
+            f"retriever.train_candidates={train_candidates}"]
+
+
+@pytest.mark.parametrize("train_candidates", ["same", "held_out"])
+def test_retriever_never_sees_val_or_test_targets(tmp_path, monkeypatch, train_candidates):
+    """The retrieve stage as the pipeline runs it (pipeline.retrieve -> run_retriever_stage ->
+    train_retriever): the item ids in the batches its loss sees are exactly seq[:-2] of every user, never
+    a validation or test target; with train_candidates=held_out the second retriever, which makes the
+    training candidates, sees only seq[:-(2 + train_prefixes_per_user)]."""
+    from rerank_dist import pipeline
+    from rerank_dist.config import load_config
+    from rerank_dist.retrieval import stage as stage_mod
+    from rerank_dist.retrieval import train as train_mod
+
+    trainings: list[dict] = []  # one per train_retriever call, filled by the spies below
+    candidate_sources: dict[str, object] = {}
+    real_train, real_batch = stage_mod.train_retriever, train_mod.window_batch
+    real_evaluate, real_candidates = train_mod.evaluate, stage_mod.generate_candidates
+
+    def spy_train(*args, **kwargs):
+        trainings.append({"inputs": set(), "labels": set(), "val_histories": set(), "val_targets": set()})
+        model, summary = real_train(*args, **kwargs)
+        trainings[-1]["model"] = model
+        return model, summary
+
+    def spy_batch(windows, max_len):
+        tokens, labels = real_batch(windows, max_len)  # what next_item_loss receives
+        trainings[-1]["inputs"].update(tokens[tokens > 0].tolist())
+        trainings[-1]["labels"].update(labels[labels > 0].tolist())
+        return tokens, labels
+
+    def spy_evaluate(model, histories, targets, max_len):
+        trainings[-1]["val_histories"].update(i for h in histories for i in h)
+        trainings[-1]["val_targets"].update(targets)
+        return real_evaluate(model, histories, targets, max_len)
+
+    def spy_candidates(model, sequences, split, *args, **kwargs):
+        candidate_sources[split] = model
+        return real_candidates(model, sequences, split, *args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "train_retriever", spy_train)
+    monkeypatch.setattr(train_mod, "window_batch", spy_batch)
+    monkeypatch.setattr(train_mod, "evaluate", spy_evaluate)
+    monkeypatch.setattr(stage_mod, "generate_candidates", spy_candidates)
+
+    cfg = load_config(None, _retriever_run(tmp_path, train_candidates))
+    pipeline.prepare(cfg, log=quiet)
+    pipeline.retrieve(cfg, log=quiet)
+    sequences = load_dataset(tmp_path / "run" / "data").sequences
+    assert len(sequences) == 8 and all(len(s) == 7 for s in sequences.values())
+    assert len({i for s in sequences.values() for i in s}) == 56  # no item shared between users
+
+    def items(cut: int) -> set[int]:
+        return {i for s in sequences.values() for i in s[:-cut]}
+
+    val_targets = {s[-2] for s in sequences.values()}
+    test_targets = {s[-1] for s in sequences.values()}
+    # Precondition: the stage trained through the spied code path, once per retriever.
+    assert len(trainings) == (2 if train_candidates == "held_out" else 1)
+    main = trainings[0]
+    assert main["labels"] == items(2)  # every training item is learned as a label, and nothing else is
+    assert main["inputs"] <= items(2)
+    assert not (main["labels"] | main["inputs"]) & (val_targets | test_targets)
+    # Early stopping looks at the validation target from seq[:-2]; the test target stays unseen.
+    assert main["val_targets"] == val_targets and main["val_histories"] <= items(2)
+    assert candidate_sources["val"] is main["model"] and candidate_sources["test"] is main["model"]
+    if train_candidates == "same":
+        assert candidate_sources["train"] is main["model"]
+        return
+    held = trainings[1]
+    held_back = items(2) - items(4)  # the targets of the 2 training prefixes per user
+    assert len(held_back) == 16 and held["labels"] == items(4) and held["inputs"] <= items(4)
+    assert not (held["labels"] | held["inputs"]) & (held_back | val_targets | test_targets)
+    assert candidate_sources["train"] is held["model"]  # the training candidates come from the one that never saw them
 
 
 # ---------------------------------------------------------------- the bundled dataset
@@ -253,22 +324,34 @@ def test_load_without_prepare(tmp_path):
         load_dataset(tmp_path)
 
 
-def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_write_leaves_the_previous_data_untouched(tmp_path, monkeypatch):
     root = write_local(tmp_path / "raw", dense_block(range(1, 4), range(1, 4)), [(1, "A"), (2, "B"), (3, "C")])
     data_dir = tmp_path / "data"
     prepare_data(local_cfg(root), data_dir, tmp_path / "cache", log=quiet)  # an earlier, complete run
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    half_files: list[Path] = []
 
     def crash(self, path, **kw):
         Path(path).write_bytes(b"PAR1 half a file")
+        half_files.append(Path(path))
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", crash)
-    (data_dir / "items.parquet").unlink()  # so that any file left by the crash would show
     with pytest.raises(OSError, match="disk full"):
-        prepare_data(local_cfg(root), data_dir, tmp_path / "cache", log=quiet)
-    assert sorted(p.name for p in data_dir.iterdir()) == ["sequences.parquet"]  # no temp, no half file, no marker
-    with pytest.raises(DataError, match="meta.json: not found"):
-        load_dataset(data_dir)
+        prepare_data(local_cfg(root, min_count=2), data_dir, tmp_path / "cache", log=quiet)
+    assert half_files, "the crash must happen while a file is being written"
+    assert not any(p.exists() for p in half_files)  # no half file ...
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # ... no temp directory ...
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before  # ... and the old set intact
+    assert load_dataset(data_dir).meta["min_count"] == 1
+
+
+def test_prepare_refuses_a_data_directory_holding_other_files(tmp_path):
+    """The data directory is replaced as a whole: files the stage did not write there are not deleted."""
+    data_dir = write_local(tmp_path / "data", dense_block(range(1, 4), range(1, 4)), [(1, "A"), (2, "B"), (3, "C")])
+    with pytest.raises(DataError, match=r"data: holds movies.csv, ratings.csv, which the data stage did not write"):
+        prepare_data(local_cfg(data_dir), data_dir, tmp_path / "cache", log=quiet)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["movies.csv", "ratings.csv"]
 
 
 # ---------------------------------------------------------------- download

@@ -150,17 +150,30 @@ def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
 
 
 def test_label_logits_with_an_adapted_head_use_the_models_own_logits(tiny_dirs):
+    """With LoRA on lm_head, the label scores are the last hidden state projected by the adapted head,
+    W + scale * B @ A (here computed by hand), not by its base weight W."""
     cfg = _cfg(tiny_dirs["qwen3"], lora_target_modules=["q_proj", "lm_head"])
     tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
     assert LS._plain_output_head(model) is None  # the head is a LoRA layer: W alone is not the projection
     _train_steps(model, tok)
     model.eval()
+    head = model.get_output_embeddings()
+    lora_a, lora_b = head.lora_A["default"].weight, head.lora_B["default"].weight  # (r, D), (V, r)
+    assert lora_b.abs().max() > 0, "training must move the head's LoRA B away from its zero init"
+    assert head.base_layer.bias is None
     ids, mask = _batch(tok, PROMPTS)
     labels = _label_ids(tok)
     with torch.no_grad():
-        got = LS.label_logits(model, ids, mask, labels)
-        full = model(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask)).logits
-    torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
+        got = LS.label_logits(model, ids, mask, labels)  # (B, K)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=LS.left_pad_position_ids(mask),
+                    output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -1, :]  # (B, D): after the final norm, what the head receives
+        base_w = head.base_layer.weight  # (V, D)
+        adapted_w = base_w + head.scaling["default"] * (lora_b @ lora_a)  # (V, D)
+        want = hidden @ adapted_w[labels].T  # (B, K)
+        base_only = hidden @ base_w[labels].T  # (B, K): what scoring with W alone would give
+    assert (want - base_only).abs().max() > 1e-2, "the adapter must change the label logits"
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
 def test_bf16_label_logits_are_projected_in_float32(tiny_dirs):
@@ -214,7 +227,7 @@ def _train_steps(model, tok, steps: int = 2) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_qlora_nf4_forward_backward_on_cpu(tiny_dirs, dtype):
-    pytest.importorskip("bitsandbytes")
+    # bitsandbytes is a hard dependency (pyproject.toml): a broken install must fail here, not skip.
     from bitsandbytes.nn import Linear4bit
 
     cfg = _cfg(tiny_dirs["llama"], quantization="nf4", dtype=dtype, gradient_checkpointing=True)

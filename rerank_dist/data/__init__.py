@@ -18,7 +18,6 @@ from rerank_dist.data.splits import (  # noqa: E402
     MIN_SEQ_LEN,
     history_and_target,
     prefix_len_for,
-    retriever_train_sequences,
     train_prefix_lens,
 )
 
@@ -30,6 +29,5 @@ __all__ = [
     "load_dataset",
     "prefix_len_for",
     "prepare_data",
-    "retriever_train_sequences",
     "train_prefix_lens",
 ]

@@ -1,7 +1,11 @@
 """The data stage: raw files -> ``items.parquet``, ``sequences.parquet``, ``meta.json``; and back.
 
-``meta.json`` is written last and removed first, so it marks a complete, consistent set: a run killed
-half-way leaves no ``meta.json`` and ``load_dataset`` refuses the directory instead of trusting it.
+The three files appear together or not at all: they are written into a temporary directory beside
+the data directory, which then replaces the old one as a whole (``io.atomic_dir``). A run that fails
+or is killed half-way leaves the previous directory untouched: its complete set of files, and the
+stage marker that vouches for exactly those files. A new set never appears next to an old marker,
+as the marker goes with the directory it was written into. ``load_dataset`` still refuses a
+directory that lacks a file.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from rerank_dist.config import DataConfig
 from rerank_dist.data import DataError
 from rerank_dist.data.preprocess import Processed, preprocess
 from rerank_dist.data.sources import RATINGS, load_raw
-from rerank_dist.io import read_json, write_json, write_parquet
+from rerank_dist.io import atomic_dir, read_json, write_json, write_parquet
 
 ITEMS_FILE = "items.parquet"
 SEQUENCES_FILE = "sequences.parquet"
 META_FILE = "meta.json"
+# The pipeline's completion marker for this directory (pipeline.MARKER); it lives here and is
+# replaced along with the data files.
+STAGE_MARKER = "stage.json"
 FORMAT_VERSION = 1
 
 _SUMMARY_KEYS = ("num_users", "num_items", "num_interactions", "mean_length", "min_length", "max_length")
@@ -47,6 +54,7 @@ def prepare_data(cfg: DataConfig, data_dir: str | Path, cache_dir: str | Path,
                  log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Read, preprocess and write the dataset for ``cfg``; returns the contents of meta.json."""
     data_dir = Path(data_dir)
+    _check_replaceable(data_dir)
     raw = load_raw(cfg, cache_dir)
     processed = preprocess(raw.ratings, raw.movies, cfg.min_count, ratings_name=raw.origins[RATINGS])
     meta = _meta(cfg, raw.provenance, processed)
@@ -60,7 +68,7 @@ def load_dataset(data_dir: str | Path) -> Dataset:
     data_dir = Path(data_dir)
     meta_path = data_dir / META_FILE
     if not meta_path.is_file():
-        raise DataError(f"{meta_path}: not found; prepare the data first (the data stage writes it last)")
+        raise DataError(f"{meta_path}: not found; prepare the data first")
     meta = read_json(meta_path)
     items = _read_parquet(data_dir / ITEMS_FILE, ("item_id", "title"))
     sequences = _read_parquet(data_dir / SEQUENCES_FILE, ("user_id", "items"))
@@ -90,12 +98,24 @@ def _meta(cfg: DataConfig, provenance: dict[str, Any], processed: Processed) -> 
     }
 
 
+def _check_replaceable(data_dir: Path) -> None:
+    """Refuse a data directory holding files this stage did not write: replacing it would delete them."""
+    if not data_dir.is_dir():
+        return
+    ours = {ITEMS_FILE, SEQUENCES_FILE, META_FILE, STAGE_MARKER}
+    foreign = sorted(p.name for p in data_dir.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"{data_dir}: holds {shown}, which the data stage did not write; it replaces this "
+                        f"directory as a whole, so move them elsewhere (or use another run_dir)")
+
+
 def _write(data_dir: Path, processed: Processed, meta: dict[str, Any]) -> None:
-    # Remove the completion marker first: until the new meta.json lands, the directory is "not ready".
-    (data_dir / META_FILE).unlink(missing_ok=True)
-    write_parquet(data_dir / ITEMS_FILE, processed.items)
-    write_parquet(data_dir / SEQUENCES_FILE, processed.sequences)
-    write_json(data_dir / META_FILE, meta)
+    # All files into a fresh directory that replaces data_dir only once complete (see the module docstring).
+    with atomic_dir(data_dir) as tmp:
+        write_parquet(tmp / ITEMS_FILE, processed.items)
+        write_parquet(tmp / SEQUENCES_FILE, processed.sequences)
+        write_json(tmp / META_FILE, meta)
 
 
 def _report(meta: dict[str, Any], log: Callable[[str], Any]) -> None:

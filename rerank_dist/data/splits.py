@@ -8,15 +8,11 @@ An example is ``(user, prefix_len)``: the history is ``seq[:prefix_len]`` and th
 * train: prefix_len = n - 3, and further training prefixes n - 3 - j for j = 1, 2, ...
 
 so no training example ever sees the validation or test target. The retriever trains on
-``seq[:-2]`` (every position of it), which holds exactly the same items.
+``seq[:-2]`` (every position of it), which holds exactly the same items
+(``rerank_dist.retrieval.sequences.retriever_training_sequences``).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from rerank_dist.data.prepare import Dataset
 
 SPLITS = ("train", "val", "test")
 # Offset of each split's target from the end of the sequence.
@@ -49,7 +45,3 @@ def train_prefix_lens(seq_len: int, count: int) -> list[int]:
 def history_and_target(seq: list[int], prefix_len: int) -> tuple[list[int], int]:
     return seq[:prefix_len], seq[prefix_len]
 
-
-def retriever_train_sequences(dataset: "Dataset") -> dict[int, list[int]]:
-    """user -> items the retriever may learn from: everything but the validation and test targets."""
-    return {user: seq[:-2] for user, seq in dataset.sequences.items()}
