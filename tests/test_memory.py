@@ -1,0 +1,440 @@
+"""The memory estimate behind --dry-run: exact parameter counts, NF4 storage, LoRA sizes, the
+activation model, and finding config.json without the network."""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rerank_dist.config import ModelConfig
+from rerank_dist.memory import (
+    _activation_bytes_per_token,
+    _layout,
+    estimate_training_memory,
+    find_architecture,
+    nf4_bytes,
+    shipped_model_name,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN = json.loads((REPO / "configs/models/qwen3-4b/config.json").read_text())
+LLAMA = json.loads((REPO / "configs/models/llama-2-7b/config.json").read_text())
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(name_or_path="x", dtype="bfloat16", quantization="nf4", lora_r=8,
+                lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _count_by_hand(arch: dict) -> int:
+    """Parameters of a Llama / Qwen3 decoder from config.json arithmetic alone (no model built)."""
+    h, i, v, n = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
+    d = arch.get("head_dim") or h // arch["num_attention_heads"]
+    q, kv = arch["num_attention_heads"] * d, arch["num_key_value_heads"] * d
+    attn = h * q + 2 * h * kv + q * h  # q, k, v, o projections, no biases
+    mlp = 3 * h * i  # gate, up, down
+    norms = 2 * h + (2 * d if arch["model_type"] == "qwen3" else 0)  # + Qwen3's per-head q/k norms
+    head = 0 if arch.get("tie_word_embeddings") else v * h
+    return v * h + n * (attn + mlp + norms) + h + head  # embedding, blocks, final norm, head
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def test_llama_2_7b_has_exactly_its_published_parameter_count():
+    est = estimate_training_memory(LLAMA, _cfg(), 1, 16)
+    assert est["total_params"] == 6_738_415_616 == _count_by_hand(LLAMA)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen3_4b_parameter_count_follows_tie_word_embeddings(tied):
+    arch = dict(QWEN, tie_word_embeddings=tied)
+    est = estimate_training_memory(arch, _cfg(), 1, 16)
+    assert est["total_params"] == _count_by_hand(arch)
+    if tied:  # the shipped config: "4.0B" on the model card, 4,022,468,096 exactly
+        assert est["total_params"] == 4_022_468_096
+    else:  # an untied head adds vocab x hidden
+        assert est["total_params"] == 4_022_468_096 + 151_936 * 2_560
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_meta_count_equals_a_real_model_and_peft(arch):
+    """The meta-device count equals a model really built on CPU, and the LoRA count equals peft's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config(arch, vocab_size=300)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    real_total = sum(p.numel() for p in model.parameters())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
+    real_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    est = estimate_training_memory(config.to_dict(), _cfg(lora_r=4, lora_target_modules=targets), 1, 8)
+    assert est["total_params"] == real_total
+    assert est["trainable_params"] == real_trainable
+
+
+def test_meta_build_of_7b_takes_seconds():
+    _layout.cache_clear()
+    t0 = time.perf_counter()
+    estimate_training_memory(LLAMA, _cfg(), 1, 16)
+    assert time.perf_counter() - t0 < 20  # about 1-2 s here; the bound only catches real allocation
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_nf4_bytes_match_bitsandbytes_storage():
+    """The NF4 + double-quant formula against what bitsandbytes actually stores (runs on CPU)."""
+    import bitsandbytes.functional as bnbf
+
+    for shape in [(128, 320), (64, 64), (300, 70)]:
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        stored = (packed.numel() * packed.element_size()
+                  + state.absmax.numel() * state.absmax.element_size()  # uint8 absmax per block
+                  + state.state2.absmax.numel() * 4  # fp32 absmax per 256 blocks
+                  + state.code.numel() * 4 + state.state2.code.numel() * 4 + 4)  # code tables, offset
+        assert nf4_bytes(w.numel()) == stored
+
+
+def test_nf4_decoder_linears_are_a_quarter_to_a_third_of_bf16():
+    for arch in (LLAMA, QWEN):
+        d = estimate_training_memory(arch, _cfg(), 1, 16)["detail"]
+        bf16 = d["quantized_params"] * 2
+        assert bf16 / 4.5 < d["weights_4bit"] < bf16 / 3
+
+
+def test_nf4_quantizes_every_block_linear_and_nothing_else():
+    lay = _layout(json.dumps(LLAMA, sort_keys=True))
+    quantized = {lin.name for lin in lay.linears if lin.quantized}
+    assert "lm_head" not in quantized  # transformers keeps the output head unquantized
+    assert len(quantized) == 32 * 7 and all(lin.layer is not None for lin in lay.linears if lin.quantized)
+
+
+def test_unquantized_weights_are_float32_under_nf4_and_the_dtype_otherwise():
+    """prepare_model_for_kbit_training upcasts embeddings, norms and the head to float32."""
+    nf4 = estimate_training_memory(LLAMA, _cfg(), 1, 16)
+    d = nf4["detail"]
+    assert d["weights_unquantized"] == (nf4["total_params"] - d["quantized_params"]) * 4
+    plain = estimate_training_memory(LLAMA, _cfg(quantization="none"), 1, 16)
+    assert plain["weights"] == 6_738_415_616 * 2
+    assert plain["detail"]["weights_4bit"] == 0
+
+
+# ---------------------------------------------------------------- LoRA and optimizer
+
+
+def test_lora_r8_on_q_v_of_llama_2_7b_is_the_well_known_4194304():
+    est = estimate_training_memory(LLAMA, _cfg(lora_r=8, lora_target_modules=["q_proj", "v_proj"]), 1, 16)
+    assert est["trainable_params"] == 4_194_304  # peft's "trainable params: 4,194,304"
+    assert est["lora_adamw"] == 4_194_304 * 16  # fp32 weight + grad + two AdamW moments
+    assert est["ddp_buckets"] == 0
+
+
+def test_more_processes_add_only_ddp_gradient_buckets():
+    one = estimate_training_memory(LLAMA, _cfg(), 2, 64, world_size=1)
+    eight = estimate_training_memory(LLAMA, _cfg(), 2, 64, world_size=8)
+    assert eight["ddp_buckets"] == one["trainable_params"] * 4
+    assert eight["total"] - one["total"] == eight["ddp_buckets"]
+
+
+# ---------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_grow_linearly_with_micro_batch(checkpointing):
+    cfg = _cfg(gradient_checkpointing=checkpointing)
+    acts = [estimate_training_memory(QWEN, cfg, mb, 512)["activations"] for mb in (1, 2, 3, 4)]
+    steps = [b - a for a, b in zip(acts, acts[1:])]
+    assert steps[0] > 0 and steps == pytest.approx([steps[0]] * 3, rel=1e-9)
+    # ... and proportional but for one constant: bitsandbytes' 16-bit copy of the largest weight
+    assert acts[0] - steps[0] == 2_560 * 9_728 * 2
+
+
+def test_gradient_checkpointing_shrinks_activations():
+    for arch, mb in ((LLAMA, 2), (QWEN, 4)):
+        off = estimate_training_memory(arch, _cfg(gradient_checkpointing=False), mb, 1536)
+        on = estimate_training_memory(arch, _cfg(gradient_checkpointing=True), mb, 1536)
+        assert on["activations"] < off["activations"] / 4
+        assert off["total"] - on["total"] == off["activations"] - on["activations"]
+
+
+def test_autocast_shrinks_nf4_activations_and_no_logits_term_grows_with_vocab():
+    no = estimate_training_memory(LLAMA, _cfg(), 2, 1536)
+    bf16 = estimate_training_memory(LLAMA, _cfg(), 2, 1536, mixed_precision="bf16")
+    assert bf16["activations"] < no["activations"]
+    # Only the answer position reaches the head: 10x the vocabulary adds (B, 1, V) tensors, not (B, L, V).
+    big_vocab = estimate_training_memory(dict(LLAMA, vocab_size=320_000), _cfg(), 2, 1536)
+    assert big_vocab["activations"] - no["activations"] == 2 * (320_000 - 32_000) * 4 * 2
+
+
+def test_summary_line_names_the_parts():
+    cfg = _cfg(lora_r=16, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], gradient_checkpointing=True)
+    est = estimate_training_memory(QWEN, cfg, 4, 1536, world_size=8)
+    s = est["summary"]
+    assert s.startswith("≈ ") and " GiB per device (" in s
+    for part in ("weights", "nf4", "LoRA+AdamW", "activations", "micro-batch 4 x 1536 tokens",
+                 "checkpointing on", "overhead"):
+        assert part in s
+    parts = ("weights", "lora_adamw", "ddp_buckets", "activations", "overhead")
+    assert est["total"] == sum(est[p] for p in parts)
+    assert all(isinstance(est[p], int) for p in (*parts, "total"))
+
+
+def test_unknown_model_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="model_type"):
+        estimate_training_memory({"model_type": "no-such-arch", "hidden_size": 8}, _cfg(), 1, 8)
+
+
+def _saved_bytes_per_block(model, input_ids, attention_mask) -> list[int]:
+    """Bytes each decoder block saves for backward: new storages, counted whole, parameters left out.
+
+    A storage is charged to the block that first saved it (the rotary tables and the padding mask
+    are shared by all blocks, so block 0 pays for them).
+    """
+    from rerank_dist.label_scoring import label_logits
+
+    blocks = model.base_model.model.model.layers
+    current: list[int | None] = [None]
+    per_block = [0] * len(blocks)
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights cost nothing extra
+    hooks = []
+    for idx, block in enumerate(blocks):
+        hooks.append(block.register_forward_pre_hook(lambda _m, _a, i=idx: current.__setitem__(0, i)))
+        hooks.append(block.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None)))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if current[0] is not None and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            per_block[current[0]] += storage.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            label_logits(model, input_ids, attention_mask, torch.tensor([5, 6]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return per_block
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_activation_model_matches_saved_tensors_on_cpu(arch, tmp_path):
+    """Per-token bytes per block from the formula against what autograd really keeps.
+
+    bf16 weights, no quantization, dropout 0: the case where CPU and CUDA save the same tensors
+    (CPU keeps dropout masks as floats, CUDA as bools). The slack covers per-row statistics
+    (RMSNorm's rsqrt) that the formula leaves out.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rerank_dist.modeling import load_model
+    from tests.tiny_models import tiny_config
+
+    dims = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=64, num_hidden_layers=3)
+    as_dict = {k: v for k, v in tiny_config(arch, vocab_size=300).to_dict().items() if k != "layer_types"}
+    config = AutoConfig.for_model(**dict(as_dict, **dims))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    cfg = _cfg(name_or_path=str(tmp_path), quantization="none", lora_r=8, lora_dropout=0.0,
+               lora_target_modules=targets, gguf_fallback=False)
+    model = load_model(cfg, training=True)
+    batch, length = 2, 96
+    ids = torch.randint(3, 290, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :7] = 0  # left padding, as in training: SDPA gets an explicit mask
+    measured = _saved_bytes_per_block(model, ids, mask)[1]  # block 1: its input requires grad
+
+    per_tok = _activation_bytes_per_token(_layout(json.dumps(config.to_dict(), sort_keys=True)), cfg, "no")
+    predicted = batch * length * sum(per_tok[k] for k in ("norms", "qk_norms", "attention", "mlp", "lora"))
+    assert measured == pytest.approx(predicted, rel=0.03)
+
+
+# ---------------------------------------------------------------- finding config.json
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """HF_HUB_OFFLINE=1, and any socket use fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network touched: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    # huggingface_hub's own HTTP layer too, so a call fails here even before it reaches a socket.
+    import huggingface_hub.file_download as file_download
+    import huggingface_hub.utils._http as hf_http
+
+    for module in (hf_http, file_download):
+        monkeypatch.setattr(module, "get_session", refuse, raising=False)
+
+
+@pytest.fixture
+def empty_caches(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and rerank_dist cache, so only the shipped configs can answer."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("RERANK_DIST_CACHE", str(tmp_path / "rd"))
+    return tmp_path
+
+
+def test_shipped_model_name():
+    assert shipped_model_name("Qwen/Qwen3-4B") == "qwen3-4b"
+    assert shipped_model_name("meta-llama/Llama-2-7b-hf") == "llama-2-7b"
+    assert shipped_model_name("meta-llama/Llama-2-7b-chat-hf") == "llama-2-7b-chat"
+
+
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+def test_hub_ids_resolve_to_the_shipped_configs_offline(no_network, empty_caches, monkeypatch, cwd):
+    monkeypatch.chdir(REPO if cwd == "repo" else empty_caches)
+    for name, shipped in [("Qwen/Qwen3-4B", "qwen3-4b"), ("meta-llama/Llama-2-7b-hf", "llama-2-7b")]:
+        found = find_architecture(name)
+        assert found is not None
+        arch, source = found
+        assert Path(source).resolve() == (REPO / "configs/models" / shipped / "config.json").resolve()
+        assert arch == json.loads((REPO / "configs/models" / shipped / "config.json").read_text())
+
+
+def test_unknown_id_is_none_without_network(no_network, empty_caches):
+    assert find_architecture("nobody/Not-A-Model-7B") is None
+    assert find_architecture("meta-llama/Llama-2-7b-chat-hf") is None  # a different name is not guessed
+    assert find_architecture(str(empty_caches / "missing" / "dir")) is None
+
+
+def test_configs_in_the_working_directory_are_found(no_network, empty_caches, monkeypatch):
+    models = empty_caches / "configs" / "models" / "foo-1b"
+    models.mkdir(parents=True)
+    (models / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    monkeypatch.chdir(empty_caches)
+    arch, source = find_architecture("org/Foo-1B-hf")
+    assert arch["hidden_size"] == 8 and Path(source).parent.name == "foo-1b"
+
+
+def test_local_directory_and_hf_cache_come_first(no_network, empty_caches):
+    local = empty_caches / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps(dict(LLAMA, num_hidden_layers=2)))
+    assert find_architecture(str(local)) == (dict(LLAMA, num_hidden_layers=2), str(local / "config.json"))
+    (local / "config.json").unlink()
+    assert find_architecture(str(local)) is None  # a local directory is taken as is
+
+    # A config.json in the HF cache layout (refs/main -> snapshots/<sha>/) beats the shipped one.
+    repo = empty_caches / "hf" / "models--Qwen--Qwen3-4B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(dict(QWEN, num_hidden_layers=3)))
+    arch, source = find_architecture("Qwen/Qwen3-4B")
+    assert arch["num_hidden_layers"] == 3 and "snapshots" in source
+
+
+def test_gguf_conversion_in_the_rerank_dist_cache_is_found(no_network, empty_caches):
+    converted = empty_caches / "rd" / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 576}))
+    arch, source = find_architecture("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert arch["hidden_size"] == 576 and Path(source).parent == converted
+
+
+# ---------------------------------------------------------------- against a real GPU
+
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+GPU_CASES = {
+    # name: (arch, layers kept, micro-batch, model overrides, mixed precision)
+    "qwen3-4b-qlora-ckpt": (QWEN, 4, 4, dict(lora_r=16, lora_target_modules=QKVO, gradient_checkpointing=True), "no"),
+    "qwen3-4b-qlora": (QWEN, 4, 4, dict(lora_r=16, lora_target_modules=QKVO), "no"),
+    "llama-2-7b-qlora": (LLAMA, 4, 2, dict(), "no"),
+    "llama-2-7b-qlora-ckpt": (LLAMA, 4, 2, dict(gradient_checkpointing=True), "no"),
+    "llama-2-7b-qlora-autocast": (LLAMA, 4, 2, dict(), "bf16"),
+    "llama-2-7b-bf16": (LLAMA, 4, 2, dict(quantization="none"), "no"),
+}
+
+
+@pytest.fixture(scope="module")
+def random_checkpoints(tmp_path_factory):
+    """Random-weight checkpoints with the real dimensions and vocabulary, fewer blocks; built once."""
+    built: dict[tuple[str, int], Path] = {}
+
+    def get(arch: dict, layers: int) -> Path:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        key = (arch["model_type"], layers)
+        if key not in built:
+            config = AutoConfig.for_model(**dict(arch, num_hidden_layers=layers))
+            with torch.device("cuda"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            built[key] = tmp_path_factory.mktemp(f"{key[0]}-{layers}")
+            model.save_pretrained(built[key])
+            del model
+            torch.cuda.empty_cache()
+        return built[key]
+
+    return get
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_estimate_matches_the_measured_peak_on_gpu(case, random_checkpoints):
+    """Peak allocated memory of two real training steps against the estimate without its overhead."""
+    import torch.nn.functional as F
+
+    from rerank_dist.label_scoring import label_logits
+    from rerank_dist.modeling import load_model
+
+    arch, layers, micro_batch, overrides, mixed = GPU_CASES[case]
+    seq_len = 1536
+    arch = dict(arch, num_hidden_layers=layers)
+    cfg = _cfg(name_or_path=str(random_checkpoints(arch, layers)), gguf_fallback=False, **overrides)
+    gc.collect()  # an earlier case's 4-bit weights sit in reference cycles; free them before counting
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = load_model(cfg, training=True, device="cuda:0")
+    weights = torch.cuda.memory_allocated() - base
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 30_000, (micro_batch, seq_len), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :100] = 0  # left padding, as every training micro-batch has
+    labels = torch.tensor([5, 6, 7, 8], device="cuda")
+    peak = 0
+    for _ in range(2):  # the second step holds the AdamW state the first one created
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mixed == "bf16"):
+            logits = label_logits(model, ids, mask, labels)
+        F.cross_entropy(logits, torch.zeros(micro_batch, dtype=torch.long, device="cuda")).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() - base
+    est = estimate_training_memory(arch, cfg, micro_batch, seq_len, mixed_precision=mixed)
+    predicted = est["total"] - est["overhead"]
+    detail = {k: round(v / 2**30, 3) for k, v in est["detail"].items() if k != "quantized_params"}
+    print(f"\n{case}: measured weights {weights / 2**30:.3f} GiB, estimate {est['weights'] / 2**30:.3f}; "
+          f"measured peak {peak / 2**30:.3f} GiB, estimate {predicted / 2**30:.3f} "
+          f"(ratio {predicted / peak:.3f}); detail GiB {json.dumps(detail)}")
+    del model, optimizer, logits
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert weights == pytest.approx(est["weights"], rel=0.03)
+    assert predicted == pytest.approx(peak, rel=0.15)
