@@ -1,73 +1,137 @@
-"""`rerank-dist <stage>`: one subcommand per stage, plus `run` (all of them) and `config`.
+"""`rerank-dist <stage>`: one subcommand per stage, plus `run` (all of them), `launch` and `config`.
 
-Every subcommand takes `--config FILE.yaml` and dotted overrides (`train.lr=2e-4`). Errors in
-input or config print one line each and exit with status 2; nothing half-written is left behind.
+Every stage takes `--config FILE.yaml` and dotted overrides (`train.lr=2e-4`). On an existing run
+directory a stage starts from that run's recorded config.yaml. Errors in input or config print one
+line each and exit with status 2, before any model loads; nothing half-written is left behind.
+`rerank-dist launch [--nproc-per-node N ...] <stage> ...` runs a stage on N processes per node.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 STAGES = {
     "prepare": "prepare the dataset (LlamaRec preprocessing, leave-one-out) into <run_dir>/data",
     "retrieve": "train the LRURec retriever and write top-K candidates for train/val/test",
-    "train": "train the LLM ranker with LoRA/QLoRA (works under `accelerate launch`)",
-    "score": "reload the saved adapter and score every user's candidates (works under `accelerate launch`)",
+    "train": "train the LLM ranker with LoRA/QLoRA (any number of processes, see launch)",
+    "score": "reload the saved adapter and score every user's candidates (any number of processes)",
+    "export": "write export/adapter (PEFT) and export/merged (16-bit, sharded safetensors) from ranker/best",
     "report": "print the final table and write report.md + loss.png",
     "run": "every stage in order (the main job)",
     "config": "print the resolved config, or every field with its doc (--fields)",
 }
+EPILOG = ("overrides: section.field=value, e.g. train.lr=2e-4 model.quantization=nf4; "
+          "`rerank-dist config --fields` lists every field")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rerank_dist import launcher
+
     parser = argparse.ArgumentParser(prog="rerank-dist", description="LRURec retriever -> LLM reranker, trained "
-                                     "and scored with Accelerate.")
+                                     "and scored with Accelerate on one or many processes.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for name, help_text in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog="overrides: section.field=value, e.g. train.lr=2e-4 model.quantization=nf4; "
-                                  "`rerank-dist config --fields` lists every field")
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         p.add_argument("--config", "-c", default=None, help="YAML config (defaults: the embedded CPU job)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, section.field=value")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with type, default and doc")
+        if name in ("run", "train"):
+            p.add_argument("--dry-run", action="store_true",
+                           help="print the training plan (processes, batches, steps, precision, memory) and exit")
+    p = sub.add_parser("launch", help="run a stage on N processes per node (torchrun; CPU or GPU)",
+                       description=launcher.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    launcher.add_arguments(p)
     return parser
 
 
-def _error_exit(err: Exception) -> int:
+def _error_exit(err: BaseException) -> int:
     for line in str(err).splitlines() or [type(err).__name__]:
         print(f"error: {line}", file=sys.stderr)
     return 2
 
 
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rerank_dist.config import ConfigError, describe_fields, load_config
+    from rerank_dist.config import ConfigError, describe_fields, resolve_config
 
+    if args.stage == "launch":
+        return _launch(args)
     if args.stage == "config" and args.fields:
         print("\n".join(describe_fields()))
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, recorded = resolve_config(args.config, args.overrides)
     except ConfigError as err:
         return _error_exit(err)
+    if recorded is not None and _is_main() and args.stage != "config":
+        print(f"settings: {recorded} (this run's own), then the config file and overrides given", flush=True)
     if args.stage == "config":
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if getattr(args, "dry_run", False):
+        return _dry_run(cfg)
+    return _run_stage(args.stage, cfg)
 
+
+def _run_stage(stage_name: str, cfg) -> int:
     from rerank_dist import pipeline
+    from rerank_dist.distributed import process_state
     from rerank_dist.errors import USER_ERRORS
 
     stage = {"prepare": pipeline.prepare, "retrieve": pipeline.retrieve, "train": pipeline.train,
-             "score": pipeline.score, "report": pipeline.report, "run": pipeline.run_all}[args.stage]
+             "score": pipeline.score, "export": pipeline.export, "report": pipeline.report,
+             "run": pipeline.run_all}[stage_name]
     try:
-        stage(cfg)
+        if stage_name in ("prepare", "retrieve", "report"):
+            # Single-process work: under a launcher the main process does it, the others wait.
+            state = process_state()
+            with state.main_process_first():
+                if state.is_main_process:
+                    stage(cfg)
+        else:
+            stage(cfg)
     except USER_ERRORS as err:
         return _error_exit(err)
     return 0
+
+
+def _dry_run(cfg, world_size: int | None = None, nodes: int = 1, cpu: bool | None = None) -> int:
+    from rerank_dist.plan import dry_run_lines, plan_for
+
+    for line in dry_run_lines(cfg, plan_for(cfg, world_size), nodes, cpu):
+        print(line)
+    return 0
+
+
+def _launch(args) -> int:
+    """Check everything that can be checked for the whole world, then become torchrun."""
+    from rerank_dist import launcher
+    from rerank_dist.config import ConfigError, resolve_config
+
+    problem = launcher.check(args)
+    if problem:
+        return _error_exit(ValueError(problem))
+    nproc = launcher.nproc_per_node(args)
+    world = nproc * args.nnodes
+    # The stage's own arguments, parsed as the workers will parse them.
+    stage_args = build_parser().parse_args(args.command)
+    try:
+        cfg, _ = resolve_config(stage_args.config, stage_args.overrides, world_size=world)
+    except ConfigError as err:
+        return _error_exit(err)
+    if getattr(stage_args, "dry_run", False):
+        return _dry_run(cfg, world, args.nnodes, cpu=launcher.use_cpu(args))
+    launcher.exec_torchrun(args, nproc)
+    return 0  # not reached: the process is torchrun now
 
 
 if __name__ == "__main__":

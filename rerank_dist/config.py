@@ -11,6 +11,7 @@ to finish on a 2-core CPU. ``configs/`` holds the LlamaRec-scale recipes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -177,6 +178,22 @@ TRACKERS = {"none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearm
 # ---------------------------------------------------------------- building
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML where only true/false are booleans, as in YAML 1.2. PyYAML follows YAML 1.1, which also
+    reads yes/no/on/off as booleans, so `train.mixed_precision=no` would arrive as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn YAML / CLI values into the field's type; strings like "false" are *not* True."""
     origin = typing.get_origin(tp)
@@ -249,7 +266,7 @@ def _dotted_to_nested(overrides: list[str], errors: list[str]) -> dict[str, Any]
             continue
         key, value = item.split("=", 1)
         # YAML parsing gives lists ("[q_proj, v_proj]") and numbers; _coerce then checks the type.
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _load_yaml(value) if value.strip() else ""
         node = nested
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -262,32 +279,68 @@ def _dotted_to_nested(overrides: list[str], errors: list[str]) -> dict[str, Any]
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- dotted overrides; then validate. Raises ConfigError listing every problem."""
-    cfg = RunConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None, base: RunConfig | None = None) -> RunConfig:
+    """base (default: the defaults) <- YAML file <- dotted overrides; then validate for world_size processes
+    (default: the launcher's). Raises ConfigError listing every problem."""
+    cfg = copy.deepcopy(base) if base is not None else RunConfig()
     errors: list[str] = []
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-        _apply(cfg, raw, "", errors)
+        _apply(cfg, _read_yaml(Path(path)), "", errors)
     if overrides:
         _apply(cfg, _dotted_to_nested(overrides, errors), "", errors)
-    errors.extend(validate(cfg))
+    errors.extend(validate(cfg, world_size))
     if errors:
         where = f"{path}: " if path else ""
         raise ConfigError("\n".join(f"{where}{e}" for e in errors))
     return cfg
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Every problem with the values, as one line each (empty list = valid)."""
+RECORDED_CONFIG = "config.yaml"
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = _load_yaml(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return raw
+
+
+def resolve_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                   world_size: int | None = None) -> tuple[RunConfig, Path | None]:
+    """The config a command runs with, and the recorded config it started from (None for a new run).
+
+    A command on an existing run directory starts from that run's own ``config.yaml`` (the settings
+    its outputs were made with), then the YAML file, then the overrides; a new run starts from the
+    defaults. Without this, ``rerank-dist score run_dir=R`` would score R's adapter under the
+    default settings rather than R's.
+    """
+    peek = RunConfig()
+    ignored: list[str] = []
+    if path:
+        _apply(peek, _read_yaml(Path(path)), "", ignored)
+    if overrides:
+        _apply(peek, _dotted_to_nested(overrides, ignored), "", ignored)
+    recorded = Path(peek.run_dir) / RECORDED_CONFIG
+    if not recorded.is_file():
+        return load_config(path, overrides, world_size), None
+    base = RunConfig()
+    errors: list[str] = []
+    _apply(base, _read_yaml(recorded), "", errors)
+    if errors:
+        raise ConfigError("\n".join(f"{recorded}: {e}" for e in errors))
+    base.run_dir = peek.run_dir  # the directory it was found in, also when the run was moved or copied
+    return load_config(path, overrides, world_size, base=base), recorded
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
+    """Every problem with the values, as one line each (empty list = valid). world_size: the number of
+    processes the batch plan is checked for (default: the launcher's WORLD_SIZE, else 1)."""
     errs: list[str] = []
     for dotted, allowed in _CHOICES.items():
         section, name = dotted.split(".")
@@ -339,12 +392,16 @@ def validate(cfg: RunConfig) -> list[str]:
         errs.append("model.lora_target_modules: expected at least one module name")
     if cfg.model.quantization == "nf4" and cfg.model.dtype == "float16":
         errs.append("model.dtype: nf4 QLoRA computes in bfloat16 or float32, not float16")
-    if cfg.train.micro_batch_size > 0 and cfg.train.batch_size % cfg.train.micro_batch_size:
-        errs.append(f"train.batch_size: {cfg.train.batch_size} must be a multiple of "
-                    f"train.micro_batch_size ({cfg.train.micro_batch_size})")
     for s in cfg.score.splits:
         if s not in {"val", "test"}:
             errs.append(f"score.splits: expected val and/or test, got {s!r}")
+    if cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0:
+        from rerank_dist.plan import plan_for
+
+        try:  # the batch plan at the launcher's world size, so a bad combination fails before any stage
+            plan_for(cfg, world_size)
+        except ConfigError as e:
+            errs.append(str(e))
     return errs
 
 

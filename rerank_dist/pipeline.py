@@ -1,9 +1,14 @@
-"""Stages and their order: prepare -> retrieve -> train -> score -> report.
+"""Stages and their order: prepare -> retrieve -> train -> score -> export -> report.
 
 Each stage reads the previous stage's files in the run directory and writes its own. A stage whose
 outputs exist for the same inputs is skipped, so a rerun after a crash continues where it stopped.
-A stage's inputs are the config sections it depends on, the key of the stage before it (so a stage
-that is redone makes every later one redo too) and, for data.source=local, the raw files' contents.
+A stage's inputs are the config sections it depends on (less the fields that only say where
+caches live or how often to save), the key of the stage before it (so a stage that is redone makes
+every later one redo too) and, for data.source=local, the raw files' contents.
+
+``run`` redoes whatever its config changed, in order. A stage run on its own never does that: it
+reads what earlier stages wrote, so it refuses to start when those outputs were made with other
+settings, naming each field and both values (``check_upstream``).
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from rerank_dist.config import RunConfig, save_config
+from rerank_dist.config import ConfigError, RunConfig, save_config
+from rerank_dist.distributed import process_state
 from rerank_dist.io import read_json, write_json
 from rerank_dist.paths import RunPaths, cache_dir
 
@@ -25,13 +31,15 @@ STAGE_INPUTS = {
     "retrieve": ("data", "retriever"),
     "train": ("data", "retriever", "prompt", "model", "train"),
 }
-
-
 UPSTREAM = {"prepare": None, "retrieve": "prepare", "train": "retrieve"}
+# Fields that say where things are kept or how a run is watched, not what its outputs are.
+ENVIRONMENT_FIELDS = {"data.download_dir", "model.cache_dir", "model.gguf_fallback", "train.resume",
+                      "train.report_to"}
 MARKER = "stage.json"
 # Train fields that only say how long to run, how often to checkpoint and how to validate: changing
 # them continues the same training run (resume), any other change starts a new one.
-RUN_LENGTH_FIELDS = {"epochs", "max_steps", "max_minutes", "save_every", "eval_every", "eval_users", "resume"}
+RUN_LENGTH_FIELDS = {"epochs", "max_steps", "max_minutes", "save_every", "save_every_minutes", "keep_last",
+                     "eval_every", "eval_users", "resume", "report_to"}
 RANKER_INPUTS = "inputs.json"
 
 
@@ -40,15 +48,29 @@ def _stage_dir(cfg: RunConfig, stage: str) -> Path:
     return {"prepare": paths.data, "retrieve": paths.retriever, "train": paths.ranker}[stage]
 
 
+def _inputs(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The settings a stage's outputs are made from: {"section.field": value}."""
+    flat = {}
+    for section in STAGE_INPUTS[stage]:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if f"{section}.{key}" not in ENVIRONMENT_FIELDS:
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _recorded(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    marker = _stage_dir(cfg, stage) / MARKER
+    return read_json(marker) if marker.is_file() else {}
+
+
 def _recorded_key(cfg: RunConfig, stage: str) -> str:
     """The key a finished stage recorded, or "not run"."""
-    marker = _stage_dir(cfg, stage) / MARKER
-    return read_json(marker).get("key", "") if marker.is_file() else "not run"
+    return _recorded(cfg, stage).get("key", "not run")
 
 
 def _stage_key(cfg: RunConfig, stage: str) -> str:
     """What a stage's outputs were made from (see the module docstring), as one hash."""
-    parts = [cfg.section_hash(*STAGE_INPUTS[stage])]
+    parts = [json.dumps(_inputs(cfg, stage), sort_keys=True)]
     upstream = UPSTREAM[stage]
     if upstream is not None:
         parts.append(_recorded_key(cfg, upstream))
@@ -65,7 +87,37 @@ def _done(cfg: RunConfig, stage: str) -> bool:
 
 def _mark(cfg: RunConfig, stage: str, seconds: float) -> None:
     write_json(_stage_dir(cfg, stage) / MARKER, {"stage": stage, "key": _stage_key(cfg, stage),
-                                                 "seconds": round(seconds, 1)})
+                                                 "seconds": round(seconds, 1), "inputs": _inputs(cfg, stage)})
+
+
+def check_upstream(cfg: RunConfig, stage: str) -> None:
+    """Refuse to run `stage` alone on outputs that earlier stages made with other settings.
+
+    Raises ConfigError with one line per differing field (the earlier stage's value and this
+    command's) and how to redo it; outputs that do not exist yet are left to the stage's own
+    "run X first" errors.
+    """
+    needs = {"retrieve": "prepare", "train": "retrieve", "score": "train", "export": "train", "report": "train"}
+    upstream = needs.get(stage)
+    problems: list[str] = []
+    while upstream is not None:
+        recorded = _recorded(cfg, upstream)
+        if recorded and recorded.get("key") != _stage_key(cfg, upstream):
+            where = _stage_dir(cfg, upstream)
+            before = recorded.get("inputs", {})
+            diff = [f"{field}: {where} was made with {before[field]!r}, this command asks for {value!r}"
+                    for field, value in _inputs(cfg, upstream).items() if field in before and before[field] != value]
+            problems.extend(diff or [f"{where}: made from other inputs (an earlier stage or the raw data changed since)"])
+        upstream = UPSTREAM[upstream]
+    if problems:
+        redo = "run `rerank-dist run` with these settings to redo the stages they change, or drop the override"
+        raise ConfigError("\n".join(f"{p}; {redo}" for p in reversed(problems)))
+
+
+def _record_config(cfg: RunConfig) -> None:
+    """The run directory's config.yaml: what a later stage on this run starts from."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
@@ -76,6 +128,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         log(f"[prepare] up to date: {paths.data}")
         return read_json(paths.data / "meta.json")
     started = time.time()
+    _record_config(cfg)
     log(f"[prepare] {cfg.data.dataset} from {cfg.data.source} -> {paths.data}")
     meta = prepare_data(cfg.data, paths.data, cache_dir(cfg.model.cache_dir), log=log)
     _mark(cfg, "prepare", time.time() - started)
@@ -87,10 +140,12 @@ def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.retrieval.stage import run_retriever_stage
 
     paths = RunPaths(Path(cfg.run_dir))
+    check_upstream(cfg, "retrieve")
     if _done(cfg, "retrieve"):
         log(f"[retrieve] up to date: {paths.retriever}")
         return read_json(paths.retriever / "metrics_test.json")
     started = time.time()
+    _record_config(cfg)
     log(f"[retrieve] training LRURec (budget {cfg.retriever.max_minutes} min) -> {paths.retriever}")
     metrics = run_retriever_stage(cfg.retriever, load_dataset(paths.data), paths.retriever, log=log)
     _mark(cfg, "retrieve", time.time() - started)
@@ -101,8 +156,8 @@ def _training_run_key(cfg: RunConfig) -> str:
     """What makes two trainings the same run that one may resume: the retriever's candidates and
     every setting except RUN_LENGTH_FIELDS."""
     payload = {"retrieve": _recorded_key(cfg, "retrieve"),
-               **{s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "retriever", "prompt", "model")},
-               "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RUN_LENGTH_FIELDS}}
+               **{k: v for k, v in _inputs(cfg, "train").items()
+                  if not (k.startswith("train.") and k.split(".", 1)[1] in RUN_LENGTH_FIELDS)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -122,28 +177,30 @@ def _set_aside_other_run(cfg: RunConfig, log: Callable[[str], None]) -> None:
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
-    from accelerate import PartialState
-
     from rerank_dist.train import train as train_loop
 
     paths = RunPaths(Path(cfg.run_dir))
+    check_upstream(cfg, "train")
     if _done(cfg, "train") and (paths.best / "adapter_model.safetensors").is_file():
         log(f"[train] up to date: {paths.best}")
         return read_json(paths.ranker / "train_summary.json")
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         _set_aside_other_run(cfg, log)
+        _record_config(cfg)
     state.wait_for_everyone()
     started = time.time()
     summary = train_loop(cfg)
     if state.is_main_process:
         _mark(cfg, "train", time.time() - started)
+    state.wait_for_everyone()
     return summary
 
 
 def score(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     from rerank_dist.score import score_split
 
+    check_upstream(cfg, "score")
     results = {}
     for split in cfg.score.splits:
         log(f"[score] {split}: reloading {RunPaths(Path(cfg.run_dir)).best} from disk")
@@ -151,29 +208,43 @@ def score(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, dict]
     return results
 
 
+def export(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """export/adapter (PEFT) and export/merged (sharded safetensors), written by the main process."""
+    from rerank_dist.export import export_run
+
+    check_upstream(cfg, "export")
+    state = process_state()
+    manifest: dict = {}
+    if state.is_main_process:
+        log(f"[export] {RunPaths(Path(cfg.run_dir)).export}")
+        manifest = export_run(cfg, log)
+    state.wait_for_everyone()
+    return manifest
+
+
 def report(cfg: RunConfig, log: Callable[[str], None] = print) -> str:
     from rerank_dist.report import write_report
 
+    check_upstream(cfg, "report")
     text = write_report(cfg)
     log(text)
     return text
 
 
 def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
-    """Every stage in order. Under `accelerate launch`, data and retriever run on the main process
-    first (the others then find them done); training and scoring use every process."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    """Every stage in order. Launched as several processes, data and retriever run on the main
+    process first (the others then find them done); training and scoring use every process."""
+    state = process_state()
     started = time.time()
     if state.is_main_process:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        _record_config(cfg)
     with state.main_process_first():
         prepare(cfg, log)
         retrieve(cfg, log)
     train(cfg, log)
     score(cfg, log)
+    if cfg.export.in_run:
+        export(cfg, log)
     if state.is_main_process:
         report(cfg, log)
         log(f"[run] finished in {(time.time() - started) / 60:.1f} min; outputs in {cfg.run_dir}")

@@ -1,9 +1,11 @@
 """Distributed batched scorer.
 
-Every process scores its own shard of the prompts (``split_between_processes``), sorted by length so
-that a batch pads little, left-padded so the answer position is the last one for every row, with
-logits taken only there and only for the label tokens. Shards are gathered (``gather_object``) and
-put back in input order, so the result does not depend on the number of processes.
+The prompts are cut into batches first, by length so that a batch pads little, and those same
+batches are then shared out between the processes (``split_between_processes``): a prompt is scored
+in the same batch, with the same padding, whatever the number of processes, so 1 and N processes
+give bit-identical scores. Rows are left-padded so the answer position is the last one, and logits
+are taken only there and only for the label tokens. Shards are gathered (``gather_object``) and put
+back in input order.
 
 ``score_split`` is the test-time entry point: it always reloads the saved adapter from disk, so
 what gets scored is exactly what was saved.
@@ -28,14 +30,24 @@ from rerank_dist.metrics import ranking_report, target_ranks
 from rerank_dist.paths import RunPaths
 
 
+def _batches(token_lists: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches that do not depend on the number of processes.
+
+    Sorted by length so each batch pads little; then put in a fixed pseudo-random order, so that the
+    contiguous share each process gets mixes long and short batches rather than all the long ones.
+    """
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]), reverse=True)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [batches[j] for j in np.random.default_rng(0).permutation(len(batches))]
+
+
 @torch.no_grad()
-def _score_shard(model, token_lists, indices, label_ids, pad_id, batch_size, device, show) -> list[tuple[int, list[float]]]:
-    order = sorted(indices, key=lambda i: len(token_lists[i]), reverse=True)  # longest first: OOM shows at once
+def _score_batches(model, token_lists, batches, label_ids, pad_id, device, show) -> list[tuple[int, list[float]]]:
+    batches = sorted(batches, key=lambda b: len(token_lists[b[0]]), reverse=True)  # longest first: OOM shows at once
     out: list[tuple[int, list[float]]] = []
-    bar = tqdm(total=len(order), desc="scoring", unit="prompt", disable=not show, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        input_ids, attention_mask = left_pad([token_lists[i] for i in batch], pad_id)
+    bar = tqdm(total=sum(map(len, batches)), desc="scoring", unit="prompt", disable=not show, dynamic_ncols=True)
+    for batch in batches:
+        input_ids, attention_mask = left_pad([token_lists[i] for i in batch], pad_id)  # (B, L), (B, L)
         logits = label_logits(model, input_ids.to(device), attention_mask.to(device), label_ids.to(device))  # (B, K)
         for i, row in zip(batch, logits.float().cpu().tolist()):
             out.append((i, row))
@@ -46,21 +58,34 @@ def _score_shard(model, token_lists, indices, label_ids, pad_id, batch_size, dev
 
 def score_prompts(accelerator: Accelerator, model, token_lists: list[list[int]], label_ids: torch.Tensor,
                   pad_id: int, batch_size: int) -> np.ndarray:
-    """Label scores for every prompt, in input order: (N, K) float32. All processes must call this."""
+    """Label scores for every prompt, in input order: (N, K) float32. All processes must call this.
+
+    Raises RuntimeError when a prompt's scores did not come back from the shards, and (a different
+    message) when the model produced NaN or inf scores for some prompt.
+    """
     was_training = model.training
     model.eval()
-    with accelerator.split_between_processes(list(range(len(token_lists)))) as shard:
-        local = _score_shard(model, token_lists, shard, label_ids, pad_id, batch_size,
-                             accelerator.device, accelerator.is_local_main_process)
+    with accelerator.split_between_processes(_batches(token_lists, batch_size)) as mine:
+        local = _score_batches(model, token_lists, mine, label_ids, pad_id, accelerator.device,
+                               accelerator.is_local_main_process)
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     if was_training:
         model.train()
-    scores = np.full((len(token_lists), len(label_ids)), np.nan, dtype=np.float32)
+    scores = np.zeros((len(token_lists), len(label_ids)), dtype=np.float32)
+    filled = np.zeros(len(token_lists), dtype=bool)  # which prompts came back from the shards
     for i, row in gathered:
         scores[i] = row
-    if np.isnan(scores).any():
-        missing = int(np.isnan(scores).any(axis=1).sum())
+        filled[i] = True
+    if not filled.all():
+        missing = int((~filled).sum())
         raise RuntimeError(f"scoring lost {missing} of {len(token_lists)} prompts while gathering shards")
+    non_finite = int((~np.isfinite(scores)).any(axis=1).sum())
+    if non_finite:
+        dtype = getattr(model, "dtype", None)
+        raise RuntimeError(
+            f"the model produced non-finite label scores (NaN or inf) for {non_finite} of {len(token_lists)} "
+            f"prompts{f' (model dtype {dtype})' if dtype is not None else ''}; float16 activations overflow "
+            f"easily: use model.dtype=bfloat16 or float32 (and no fp16 mixed precision)")
     return scores
 
 
@@ -101,11 +126,12 @@ def rankings_frame(examples, scores: np.ndarray) -> pd.DataFrame:
 def score_split(cfg: RunConfig, split: str) -> dict:
     """Reload the best adapter from disk, score every user of ``split``, write rankings and metrics."""
     from rerank_dist.data.prepare import load_dataset
+    from rerank_dist.distributed import build_accelerator, peak_memory_gib
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_for_scoring, load_tokenizer
 
     paths = RunPaths(Path(cfg.run_dir))
-    accelerator = Accelerator()
+    accelerator = build_accelerator(cfg)
     adapter_dir = paths.best
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no saved adapter (adapter_model.safetensors); run the train stage first")
@@ -125,17 +151,23 @@ def score_split(cfg: RunConfig, split: str) -> dict:
     label_ids = torch.tensor(verbalizer["label_ids"], dtype=torch.long)
     model = load_for_scoring(cfg.model, adapter_dir, device=accelerator.device)
 
-    scores = score_prompts(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id, cfg.score.batch_size)
+    scoring_started = time.time()
+    with accelerator.autocast():  # train.mixed_precision, as validation during training saw the model
+        scores = score_prompts(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id, cfg.score.batch_size)
+    scoring_seconds = time.time() - scoring_started
     result = {}
     if accelerator.is_main_process:
         result = evaluate_scores(examples, scores, seed=cfg.prompt.seed)
         result["split"] = split
         result["adapter"] = str(adapter_dir)
         result["adapter_step"] = verbalizer.get("step")
+        result["world_size"] = accelerator.num_processes
         result["scored_all_users"] = not cfg.score.max_users
         result["prompt_stats"] = stats
-        result["seconds"] = round(time.time() - started, 1)
-        result["prompts_per_second"] = round(len(examples) / max(result["seconds"], 1e-9), 3)
+        result["seconds"] = round(time.time() - started, 1)  # with loading the model and building prompts
+        result["scoring_seconds"] = round(scoring_seconds, 2)  # the forward passes and the gather alone
+        result["prompts_per_second"] = round(len(examples) / max(scoring_seconds, 1e-9), 3)
+        result["peak_memory_gib"] = peak_memory_gib(accelerator.device)
         write_parquet(paths.rankings(split), rankings_frame(examples, scores))
         write_json(paths.metrics(split), result)
     accelerator.wait_for_everyone()

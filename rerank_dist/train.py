@@ -1,4 +1,4 @@
-"""The ranker's training loop: setup, loop, log, evaluate, save; read it top to bottom.
+"""The ranker's training loop: setup, loop, log, evaluate, save; read ``train()`` top to bottom.
 
 Loss: cross-entropy over the K label tokens' logits at the answer position (a softmax restricted to
 the labels, not to the whole vocabulary). The ranker is only ever asked to order those K tokens, so
@@ -6,233 +6,324 @@ that is the quantity to train; it starts at ln(K) (3.00 for 20 labels) for a mod
 preference, which makes "is the loss falling?" easy to read. Only the answer position's logits are
 computed, never full-vocabulary logits for every token.
 
-The same file runs on one CPU process, under ``accelerate launch --num_processes N`` and on a cluster:
-every distributed concern (gradient accumulation, sharded evaluation, who writes files) is here or
-in ``score.py``.
+The same code runs as one process and as N processes on one or several nodes (``rerank-dist
+launch``). The batch plan fixes how a step of ``train.batch_size`` examples is cut across them, so
+the loss trajectory does not depend on the world size; every distributed concern (accumulation,
+sharded validation, who writes what) is here, in ``score.py`` or in ``distributed.py``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from rerank_dist.checkpoint import latest_step_dir, load_step, save_best, save_step
-from rerank_dist.config import ConfigError, RunConfig, labels_for
+from rerank_dist.checkpoint import TrainerState, latest_step_dir, prune_step_dirs, publish_best, reconcile_run
+from rerank_dist.config import RunConfig, labels_for, save_config
+from rerank_dist.distributed import (build_accelerator, describe, keep_adapter_only, load_checkpoint,
+                                     peak_memory_gib, save_checkpoint)
 from rerank_dist.io import append_jsonl, write_json
-from rerank_dist.paths import RunPaths
 from rerank_dist.label_scoring import label_logits, left_pad
+from rerank_dist.paths import RunPaths
+from rerank_dist.plan import plan_for
 from rerank_dist.score import evaluate_scores, score_prompts
 
 
-def _collate(pad_id: int):
-    def collate(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = left_pad([tokens for tokens, _ in rows], pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.tensor([label for _, label in rows], dtype=torch.long)}  # (B,)
-    return collate
-
-
-def _validate(accelerator, model, examples, token_lists, label_ids, pad_id, batch_size, seed) -> dict:
-    """Validation metrics on the in-memory model (selection only; test scoring reloads from disk)."""
-    scores = score_prompts(accelerator, accelerator.unwrap_model(model), token_lists, label_ids, pad_id, batch_size)
-    return evaluate_scores(examples, scores, seed)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we restart from."""
-    if not path.is_file():
-        return
-    import json
-
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+@dataclass
+class TrainingData:
+    rows: list[tuple[list[int], int]]  # (prompt token ids, index of the target label) per training example
+    stats: dict[str, Any]              # label balance, target insertion rate, prompt lengths
+    val_examples: list[Any]            # validation examples (selection of best/ only)
+    val_tokens: list[list[int]]
+    verbalizer: dict[str, Any]         # labels, their token ids in context, their tokens
+    pad_id: int
 
 
 def train(cfg: RunConfig) -> dict:
-    from rerank_dist.data.prepare import load_dataset
-    from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_model, load_tokenizer
-    from rerank_dist.verbalizer import describe_label_ids, verify_label_ids
 
     # ------------------------------------------------------------------ setup
     paths = RunPaths(Path(cfg.run_dir))
     tc = cfg.train
-    from accelerate import PartialState
-
-    world = PartialState().num_processes
-    if tc.batch_size % (tc.micro_batch_size * world):
-        raise ConfigError(f"train.batch_size: {tc.batch_size} must be a multiple of micro_batch_size x processes "
-                          f"({tc.micro_batch_size} x {world})")
-    grad_accum = tc.batch_size // (tc.micro_batch_size * world)
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    plan = plan_for(cfg)
+    accelerator = build_accelerator(cfg, plan, trackers_dir=paths.ranker / "trackers")
+    keep_adapter_only(accelerator)
     set_seed(tc.seed)
     say = accelerator.print
+    say(describe(accelerator))
 
     tokenizer = load_tokenizer(cfg.model)
-    dataset = load_dataset(paths.data)
-    labels = labels_for(cfg)
-    train_examples, train_stats = build_examples(pd.read_parquet(paths.candidates("train")), dataset, cfg.prompt,
-                                                 labels, tokenizer, "train", dataset.num_items)
-    val_candidates = pd.read_parquet(paths.candidates("val"))
-    if tc.eval_users:
-        val_candidates = val_candidates.head(tc.eval_users)
-    val_examples, _ = build_examples(val_candidates, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
-
-    # The label ids are resolved in context from real prompts and must agree across them: the id the
-    # loss trains is then the id the scorer reads.
-    probes = [train_examples[0].prompt, train_examples[-1].prompt, val_examples[0].prompt, val_examples[-1].prompt]
-    label_ids_list = verify_label_ids(tokenizer, probes, labels)
-    say(f"label tokens in context: {describe_label_ids(tokenizer, labels, label_ids_list)}")
-    label_ids = torch.tensor(label_ids_list, dtype=torch.long, device=accelerator.device)  # (K,)
-    verbalizer = {"labels": labels, "label_ids": label_ids_list,
-                  "label_tokens": tokenizer.convert_ids_to_tokens(label_ids_list)}
-    train_tokens = tokenize_examples(train_examples, tokenizer)
-    val_tokens = tokenize_examples(val_examples, tokenizer)
-    pad_id = tokenizer.pad_token_id
-
+    data = _load_data(cfg, paths, tokenizer, say)
     model = load_model(cfg.model, training=True, device=accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
-    rows = [(tokens, ex.label_index) for tokens, ex in zip(train_tokens, train_examples)]
-    loader = DataLoader(rows, batch_size=tc.micro_batch_size, shuffle=True, collate_fn=_collate(pad_id))
+    # A generator of its own: a DataLoader without one draws its worker seed from the global RNG each
+    # time an epoch starts, so a resumed run would shift the LoRA-dropout stream by one draw.
+    loader = DataLoader(data.rows, batch_size=plan.micro_batch_size, shuffle=True, collate_fn=_collate(data.pad_id),
+                        generator=torch.Generator().manual_seed(tc.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = _total_steps(cfg, len(loader), plan.accumulation)
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per
+    # process), and checkpointed as JSON in trainer_state.json.
+    scheduler = get_linear_schedule_with_warmup(optimizer, _warmup(tc.warmup_steps, total_steps, say), total_steps)
 
-    steps_per_epoch = math.ceil(len(loader) / grad_accum)  # len(loader) is per process after prepare
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    warmup = tc.warmup_steps
-    if warmup >= total_steps:
-        warmup = max(1, total_steps // 10)
-        say(f"train.warmup_steps={tc.warmup_steps} >= {total_steps} total steps; warming up for {warmup} instead")
-    # Stepped by hand once per optimizer step (not prepared), so its count is the optimizer's.
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-
-    step, epoch, batches_done, best_ndcg, best_step = 0, 0, 0, -1.0, 0
+    state = TrainerState(total_steps=total_steps, world_size=plan.world_size, accumulation=plan.accumulation)
     resume_from = latest_step_dir(paths.ranker) if tc.resume else None
     if resume_from is not None:
-        state = load_step(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
-        best_ndcg, best_step = state["best_ndcg@10"], state["best_step"]
-        say(f"resuming from {resume_from} at step {step}")
-        if accelerator.is_main_process:
-            _truncate_log(paths.train_log, step)
-    paths.ranker.mkdir(parents=True, exist_ok=True)
+        state = _resume(accelerator, resume_from, scheduler, total_steps, say)
+    if accelerator.is_main_process:
+        for change in reconcile_run(paths, state if resume_from is not None else None):
+            say(f"restart: {change}")
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("rerank_dist", config=_flat(cfg.to_dict()),
+                              init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
 
-    n_params = sum(p.numel() for p in trainable)
-    say(f"training: {len(train_examples)} examples, {total_steps} optimizer steps of {tc.batch_size} examples "
-        f"({world} process(es) x micro-batch {tc.micro_batch_size} x {grad_accum} accumulation), "
-        f"{n_params:,} trainable parameters; chance loss ln({len(labels)}) = {math.log(len(labels)):.3f}")
+    label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long, device=accelerator.device)  # (K,)
+    num_labels = len(data.verbalizer["labels"])
+    say(f"training: {len(data.rows)} examples, {total_steps} optimizer steps; {plan.describe()}; "
+        f"{sum(p.numel() for p in trainable):,} trainable parameters; chance loss ln({num_labels}) = "
+        f"{math.log(num_labels):.3f}")
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
-        f"{train_stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
-        f"label balance max/min = {train_stats.get('label_balance_ratio')}")
+        f"{data.stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
+        f"label balance max/min = {data.stats.get('label_balance_ratio')}")
 
     # ------------------------------------------------------------------ loop
-    started = time.time()
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_count = torch.zeros((), device=accelerator.device)
-    window_tokens = 0
-    losses: list[float] = []
+    started = last_save = last_step_end = time.time()
+    window = torch.zeros(3, device=accelerator.device)  # (loss x examples, examples, tokens) since the last step
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    done = step >= total_steps
-    while not done and epoch < tc.epochs:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+    while state.step < total_steps and state.epoch < tc.epochs:
+        loader.set_epoch(state.epoch)
+        skip = state.steps_in_epoch * plan.accumulation  # this process's batches already trained this epoch
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             with accelerator.accumulate(model):
                 logits = label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids)  # (B, K)
                 loss = F.cross_entropy(logits.float(), batch["labels"])
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                if accelerator.sync_gradients:
+                    # max_norm inf measures without clipping, so the norm is logged either way
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad()
-            batches_done += 1
-            window_loss += loss.detach() * len(batch["labels"])
-            window_count += len(batch["labels"])
-            window_tokens += int(batch["attention_mask"].sum())
+            n = len(batch["labels"])
+            window[0] += loss.detach().float() * n
+            window[1] += n
+            window[2] += batch["attention_mask"].sum()
             if not accelerator.sync_gradients:
                 continue
 
             # -------------------------------------------------------------- log
             scheduler.step()
-            step += 1
-            step_loss = (accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_count, "sum")).item()
-            window_loss.zero_()
-            window_count.zero_()
-            losses.append(step_loss)
-            elapsed = time.time() - started
-            record = {"step": step, "epoch": epoch, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
-                      "elapsed_s": round(elapsed, 1), "tokens": window_tokens * world}
-            window_tokens = 0
+            state.step += 1
+            state.steps_in_epoch += 1
+            loss_sum, examples, tokens = accelerator.reduce(window, "sum").tolist()
+            window.zero_()
+            now = time.time()
+            record = {"step": state.step, "epoch": state.epoch, "loss": round(loss_sum / examples, 5),
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 5),
+                      "tokens": int(tokens), "tokens_per_s": round(tokens / max(now - last_step_end, 1e-9), 1),
+                      "elapsed_s": round(now - started, 1)}
+            last_step_end = now
+            accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")},
+                            step=state.step)
             if accelerator.is_main_process:
                 append_jsonl(paths.train_log, record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-                tqdm.write(f"step {step:>5}/{total_steps}  loss {step_loss:.4f}  lr {record['lr']:.2e}  "
-                           f"{elapsed / 60:.1f} min")
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                tqdm.write(f"step {state.step:>5}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                           f"grad {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s  "
+                           f"{(now - started) / 60:.1f} min")
 
             # -------------------------------------------------------------- evaluate
-            out_of_time = torch.tensor(float(bool(tc.max_minutes) and elapsed > tc.max_minutes * 60),
-                                       device=accelerator.device)
-            out_of_time = accelerator.reduce(out_of_time, "max").item() > 0  # every process stops together
-            last = step >= total_steps or out_of_time
-            if step % tc.eval_every == 0 or last:
-                report = _validate(accelerator, model, val_examples, val_tokens, label_ids, pad_id,
-                                   cfg.score.batch_size, cfg.prompt.seed)
-                ndcg = report["reranker"]["all_users"]["ndcg@10"]
-                base = report["retriever_order"]["all_users"]["ndcg@10"]
-                improved = ndcg > best_ndcg
-                if improved:
-                    best_ndcg, best_step = ndcg, step
-                    if accelerator.is_main_process:
-                        save_best(accelerator.unwrap_model(model), paths.best, cfg, {**verbalizer, "step": step})
-                if accelerator.is_main_process:
-                    append_jsonl(paths.train_log, {"step": step, "event": "eval", "val_ndcg@10": ndcg,
-                                                   "val_retriever_ndcg@10": base, "best": improved,
-                                                   "val_users": len(val_examples)})
-                    tqdm.write(f"step {step:>5}  val NDCG@10 {ndcg:.4f} (retriever order {base:.4f})"
-                               f"{'  -> best, saved' if improved else ''}")
+            out_of_time, save_by_time = _agreed(accelerator, [
+                bool(tc.max_minutes) and now - started > tc.max_minutes * 60,
+                bool(tc.save_every_minutes) and now - last_save > tc.save_every_minutes * 60])
+            last = state.step >= total_steps or out_of_time
+            improved = False
+            if state.step % tc.eval_every == 0 or last:
+                improved = _evaluate(accelerator, model, data, cfg, state, paths)
 
             # -------------------------------------------------------------- save
-            if (tc.save_every and step % tc.save_every == 0) or last:
-                state = {"step": step, "epoch": epoch, "batches_done_in_epoch": batches_done,
-                         "best_ndcg@10": best_ndcg, "best_step": best_step, "total_steps": total_steps}
-                if accelerator.is_main_process:
-                    save_step(accelerator.unwrap_model(model), optimizer, scheduler, paths.step_dir(step), cfg,
-                              verbalizer, state)
-            accelerator.wait_for_everyone()
+            if improved or last or save_by_time or (tc.save_every and state.step % tc.save_every == 0):
+                _save(accelerator, model, paths, cfg, data.verbalizer, state, scheduler, improved)
+                last_save = time.time()
             if last:
-                if out_of_time and step < total_steps:
-                    say(f"stopping at step {step}: train.max_minutes={tc.max_minutes} reached")
-                done = True
+                if out_of_time and state.step < total_steps:
+                    say(f"stopping at step {state.step}: train.max_minutes={tc.max_minutes} reached")
                 break
         else:
-            epoch, batches_done = epoch + 1, 0
+            state.epoch, state.steps_in_epoch = state.epoch + 1, 0
+            continue
+        break
     bar.close()
+    for tracker in accelerator.trackers:  # not end_training(): it would also end the process group that
+        tracker.finish()                  # scoring and the stages after this one still use
 
-    head = float(np.mean(losses[:5])) if losses else float("nan")
-    tail = float(np.mean(losses[-5:])) if losses else float("nan")
-    summary = {"steps": step, "total_steps": total_steps, "examples": len(train_examples),
-               "loss_first_steps": head, "loss_last_steps": tail, "chance_loss": math.log(len(labels)),
-               "best_val_ndcg@10": best_ndcg, "best_step": best_step, "val_users": len(val_examples),
-               "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),
-               "train_prompt_stats": train_stats, "verbalizer": verbalizer}
+    summary = _summary(paths, cfg, state, data, started, resume_from, accelerator.device)
     if accelerator.is_main_process:
         write_json(paths.ranker / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def _load_data(cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> TrainingData:
+    """Training rows and validation examples, with label ids resolved in context and checked."""
+    from rerank_dist.data.prepare import load_dataset
+    from rerank_dist.examples import build_examples, tokenize_examples
+    from rerank_dist.verbalizer import describe_label_ids, verify_label_ids
+
+    dataset = load_dataset(paths.data)
+    labels = labels_for(cfg)
+    train_examples, stats = build_examples(pd.read_parquet(paths.candidates("train")), dataset, cfg.prompt,
+                                           labels, tokenizer, "train", dataset.num_items)
+    val_candidates = pd.read_parquet(paths.candidates("val"))
+    if cfg.train.eval_users:
+        val_candidates = val_candidates.head(cfg.train.eval_users)
+    val_examples, _ = build_examples(val_candidates, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
+    # The label ids are resolved in context from real prompts and must agree across them: the id the
+    # loss trains is then the id the scorer reads.
+    probes = [train_examples[0].prompt, train_examples[-1].prompt, val_examples[0].prompt, val_examples[-1].prompt]
+    label_ids = verify_label_ids(tokenizer, probes, labels)
+    say(f"label tokens in context: {describe_label_ids(tokenizer, labels, label_ids)}")
+    verbalizer = {"labels": labels, "label_ids": label_ids, "label_tokens": tokenizer.convert_ids_to_tokens(label_ids)}
+    rows = [(tokens, ex.label_index) for tokens, ex in zip(tokenize_examples(train_examples, tokenizer), train_examples)]
+    return TrainingData(rows=rows, stats=stats, val_examples=val_examples,
+                        val_tokens=tokenize_examples(val_examples, tokenizer), verbalizer=verbalizer,
+                        pad_id=tokenizer.pad_token_id)
+
+
+def _collate(pad_id: int):
+    def collate(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = left_pad([tokens for tokens, _ in rows], pad_id)  # (B, L), (B, L)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": torch.tensor([label for _, label in rows], dtype=torch.long)}  # (B,)
+    return collate
+
+
+def _total_steps(cfg: RunConfig, batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of the whole run; batches_per_epoch is this process's (loader after prepare)."""
+    total = cfg.train.epochs * math.ceil(batches_per_epoch / accumulation)
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def _warmup(configured: int, total_steps: int, say) -> int:
+    if configured < total_steps:
+        return configured
+    warmup = max(1, total_steps // 10)
+    say(f"train.warmup_steps={configured} >= {total_steps} total steps; warming up for {warmup} instead")
+    return warmup
+
+
+def _resume(accelerator, step_dir: Path, scheduler, total_steps: int, say) -> TrainerState:
+    """Adapter, optimizer, RNG streams and scheduler from step_dir; the step count continues."""
+    state = TrainerState.read(step_dir)
+    exact = load_checkpoint(accelerator, step_dir, state.world_size)
+    scheduler.load_state_dict(state.scheduler)
+    if state.total_steps != total_steps:
+        say(f"resuming with {total_steps} total steps (the checkpoint planned {state.total_steps})")
+    state.total_steps = total_steps
+    say(f"resuming from {step_dir} at step {state.step}"
+        + ("" if exact else f" (written by {state.world_size} processes, now {accelerator.num_processes}: "
+                            "the data order continues, the dropout streams do not)"))
+    state.world_size, state.accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    return state
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": ..}} -> {"train.lr": ..}, lists as text: trackers take scalar hyperparameters."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+# ---------------------------------------------------------------- loop helpers
+
+
+def _agreed(accelerator, flags: list[bool]) -> list[bool]:
+    """Decisions that depend on each process's clock, made the same on every process (any one says yes)."""
+    votes = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [v > 0 for v in accelerator.reduce(votes, "max").tolist()]
+
+
+def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: TrainerState, paths: RunPaths) -> bool:
+    """Validation NDCG@10 of the in-memory model (selection only; test scoring reloads from disk).
+    Returns whether it is the best so far (state is updated)."""
+    label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long)
+    scores = score_prompts(accelerator, accelerator.unwrap_model(model), data.val_tokens, label_ids,
+                           data.pad_id, cfg.score.batch_size)
+    report = evaluate_scores(data.val_examples, scores, cfg.prompt.seed)
+    ndcg = report["reranker"]["all_users"]["ndcg@10"]
+    base = report["retriever_order"]["all_users"]["ndcg@10"]
+    improved = ndcg > state.best_ndcg
+    if improved:
+        state.best_ndcg, state.best_step = ndcg, state.step
+    accelerator.log({"val/ndcg@10": ndcg, "val/retriever_order_ndcg@10": base}, step=state.step)
+    if accelerator.is_main_process:
+        append_jsonl(paths.train_log, {"step": state.step, "event": "eval", "val_ndcg@10": ndcg,
+                                       "val_retriever_ndcg@10": base, "best": improved,
+                                       "val_users": len(data.val_examples)})
+        tqdm.write(f"step {state.step:>5}  val NDCG@10 {ndcg:.4f} (retriever order {base:.4f})"
+                   f"{'  -> best' if improved else ''}")
+    return improved
+
+
+def _save(accelerator, model, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
+          scheduler, improved: bool) -> None:
+    """step-NNNNNN/ from every process; best/ from it when validation improved; old checkpoints pruned."""
+    state.scheduler = scheduler.state_dict()
+    step_dir = paths.step_dir(state.step)
+
+    def extras(tmp: Path) -> None:
+        state.write(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        write_json(tmp / "verbalizer.json", {**verbalizer, "step": state.step})
+
+    save_checkpoint(accelerator, step_dir, extras)
+    if accelerator.is_main_process:
+        if improved:
+            publish_best(step_dir, paths.best)
+        prune_step_dirs(paths.ranker, cfg.train.keep_last, state.best_step)
+    accelerator.wait_for_everyone()
+
+
+def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: TrainingData, started: float,
+             resume_from: Path | None, device: torch.device) -> dict:
+    """The run as a whole, from the (reconciled) log: every step once, across restarts. Throughput
+    leaves out the first step (start-up, memory allocation)."""
+    lines = paths.train_log.read_text().splitlines() if paths.train_log.is_file() else []
+    records = [r for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
+    losses = [r["loss"] for r in records]
+    num_labels = len(data.verbalizer["labels"])
+    return {"steps": state.step, "total_steps": state.total_steps, "examples": len(data.rows),
+            "loss_first_steps": _mean(losses[:5]), "loss_last_steps": _mean(losses[-5:]),
+            "chance_loss": math.log(num_labels), "best_val_ndcg@10": state.best_ndcg, "best_step": state.best_step,
+            "val_users": len(data.val_examples), "world_size": state.world_size,
+            "accumulation": state.accumulation, "mixed_precision": cfg.train.mixed_precision,
+            "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
+            "peak_memory_gib": peak_memory_gib(device),
+            "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),
+            "train_prompt_stats": data.stats, "verbalizer": data.verbalizer}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -58,15 +58,16 @@ def test_bool_strings_are_not_all_true():
         load_config(overrides=["prompt.shuffle_candidates=maybe"])
 
 
-def test_validation_reports_every_problem_at_once(tmp_path):
+def test_validation_reports_every_problem_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun announces it
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  lr: -1\n  micro_batch_size: 3\nmodel:\n  dtype: int8\nretriever:\n  top_k: 40\nnope: 1\n")
+    bad.write_text("train:\n  lr: -1\n  batch_size: 16\nmodel:\n  dtype: int8\nretriever:\n  top_k: 40\nnope: 1\n")
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     lines = str(err.value).splitlines()
     text = str(err.value)
     assert "train.lr" in text and "model.dtype" in text and "retriever.top_k" in text and "nope" in text
-    assert "train.batch_size" in text  # 16 is not a multiple of 3
+    assert "train.batch_size=16" in text and "3 processes" in text  # 16 examples do not split over 3 processes
     assert all(line.startswith(str(bad)) for line in lines)
 
 
@@ -93,3 +94,12 @@ def test_cli_help_for_every_stage(capsys):
             main([stage, "--help"])
         assert e.value.code == 0
         assert "overrides" in capsys.readouterr().out
+
+
+def test_yes_no_on_off_stay_strings_where_a_string_is_expected(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads `no` as False; train.mixed_precision=no must stay "no".
+    assert load_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nprompt:\n  shuffle_candidates: off\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.prompt.shuffle_candidates is False  # bools still read

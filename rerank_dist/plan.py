@@ -1,0 +1,155 @@
+"""The batch plan: how one optimizer step of ``train.batch_size`` examples is cut across processes.
+
+The global batch is the invariant: it sets the numerics (how many examples one update averages), so
+a recipe gives the same updates on 1 GPU or 16. ``train.micro_batch_size`` is a ceiling set by
+memory. The rule, at world size W:
+
+1. every process takes ``batch_size / W`` examples per step, so W must divide ``batch_size``;
+2. the micro-batch is the largest divisor of that share that is at most ``micro_batch_size``;
+3. accumulation is the share divided by the micro-batch.
+
+So batch 16 with micro-batch 4 runs as 4 x 4 on one process, 4 x 2 on two, 4 x 1 on four, 2 x 1 on
+eight and 1 x 1 on sixteen. The plan is computed, and a bad combination refused, before any stage
+runs; no launcher setting may change it (``distributed.build_accelerator`` checks).
+
+The world size comes from the launcher's environment (``WORLD_SIZE``, set by torchrun, ``rerank-dist
+launch`` and ``accelerate launch``); this module reads it and never imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rerank_dist.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int        # processes taking part in one optimizer step
+    batch_size: int        # examples per optimizer step, all processes together
+    micro_batch_size: int  # examples per forward pass on one process
+    accumulation: int      # forward passes per optimizer step on one process
+
+    def describe(self) -> str:
+        return (f"{self.batch_size} examples per step = {self.world_size} process(es) x micro-batch "
+                f"{self.micro_batch_size} x {self.accumulation} accumulation")
+
+
+def world_size_from_env() -> int:
+    """Processes in this job as the launcher announced them (1 when started without a launcher)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE: expected a positive integer from the launcher, got {value!r}") from None
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE: expected a positive integer from the launcher, got {value!r}")
+    return world
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_batches(batch_size: int, micro_batch_ceiling: int, world_size: int) -> BatchPlan:
+    """The plan for one optimizer step (see the module docstring), or a ConfigError naming a fix."""
+    where = (f"train.batch_size={batch_size} with train.micro_batch_size={micro_batch_ceiling} "
+             f"on {world_size} processes")
+    if world_size > batch_size:
+        raise ConfigError(f"{where}: every process needs at least one example per step; set "
+                          f"train.batch_size={world_size} (or a multiple) or use at most {batch_size} processes")
+    if batch_size % world_size:
+        lower, upper = (batch_size // world_size) * world_size, (batch_size // world_size + 1) * world_size
+        fits = ", ".join(str(d) for d in _divisors(batch_size))
+        raise ConfigError(f"{where}: {batch_size} examples cannot be split evenly over {world_size} processes; set "
+                          f"train.batch_size={lower} or {upper}, or use {fits} processes")
+    share = batch_size // world_size
+    micro = max(d for d in _divisors(share) if d <= micro_batch_ceiling)
+    return BatchPlan(world_size=world_size, batch_size=batch_size, micro_batch_size=micro,
+                     accumulation=share // micro)
+
+
+def plan_for(cfg: RunConfig, world_size: int | None = None) -> BatchPlan:
+    """The plan at world_size processes (default: the launcher's), refusing a launcher that would change it."""
+    world = world_size_from_env() if world_size is None else world_size
+    plan = plan_batches(cfg.train.batch_size, cfg.train.micro_batch_size, world)
+    # accelerate lets this variable (written by `accelerate launch` from an accelerate config's
+    # gradient_accumulation_steps) override the accumulation the code asks for.
+    launcher = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "")
+    if launcher not in ("", "auto", str(plan.accumulation)):
+        raise ConfigError(f"the launcher sets gradient accumulation to {launcher} (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, "
+                          f"from gradient_accumulation_steps in an accelerate config) but the batch plan needs "
+                          f"{plan.accumulation} ({plan.describe()}); remove it there: train.batch_size decides")
+    return plan
+
+
+# ---------------------------------------------------------------- the dry run
+
+
+def _training_examples(cfg: RunConfig) -> tuple[int | None, str]:
+    """How many training examples the train stage will see, and how that was found (no weights read)."""
+    from rerank_dist.paths import RunPaths
+
+    paths = RunPaths(Path(cfg.run_dir))
+    cap = cfg.prompt.max_train_examples
+    if paths.candidates("train").is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(paths.candidates("train")).metadata.num_rows
+        return (min(rows, cap) if cap else rows), f"{rows} training prefixes in {paths.candidates('train')}"
+    if (paths.data / "meta.json").is_file():
+        from rerank_dist.io import read_json
+
+        users = int(read_json(paths.data / "meta.json")["num_users"])
+        rows = users * cfg.retriever.train_prefixes_per_user
+        return (min(rows, cap) if cap else rows), f"{users} users x {cfg.retriever.train_prefixes_per_user} prefixes"
+    if cap:
+        return cap, "prompt.max_train_examples (at most; the data is not prepared yet)"
+    return None, "unknown until the prepare stage has run"
+
+
+def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | None = None) -> list[str]:
+    """What a training run would do, read from the config, the launcher's environment and the model's
+    config.json alone: no weights are loaded and nothing is written. cpu: whether the processes would
+    run on CPUs (default: no GPU visible, or ACCELERATE_USE_CPU set)."""
+    import torch
+
+    from rerank_dist.memory import estimate_training_memory, find_architecture
+
+    tc, mc = cfg.train, cfg.model
+    if cpu is None:
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
+    gpu = torch.cuda.is_available() and not cpu
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if gpu else "cpu"
+    backend = "single process" if plan.world_size == 1 else f"DDP over {'nccl' if gpu else 'gloo'}"
+    examples, source = _training_examples(cfg)
+    lines = [
+        f"world: {plan.world_size} process(es) on {nodes} node(s), {device}; backend {backend}",
+        f"batch: {plan.describe()}",
+    ]
+    if examples is not None:
+        steps_per_epoch = math.ceil(examples / plan.batch_size)
+        total = tc.epochs * steps_per_epoch
+        total = min(total, tc.max_steps) if tc.max_steps else total
+        lines.append(f"steps: {total} optimizer steps ({examples} examples, {source}; {tc.epochs} epoch(s)"
+                     f"{f', max_steps {tc.max_steps}' if tc.max_steps else ''})")
+    else:
+        lines.append(f"steps: {source}")
+    lines.append(f"precision: weights {mc.dtype}, quantization {mc.quantization}, autocast {tc.mixed_precision}; "
+                 f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}")
+    found = find_architecture(mc.name_or_path, mc.cache_dir)
+    if found is None:
+        lines.append(f"memory: unknown (no config.json for {mc.name_or_path} offline)")
+    else:
+        arch, where = found
+        estimate = estimate_training_memory(arch, mc, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
+                                            plan.world_size)
+        lines.append(f"memory: {estimate['summary']} (architecture from {where})")
+    every = [f"every {tc.save_every} steps" if tc.save_every else "",
+             f"every {tc.save_every_minutes:g} min" if tc.save_every_minutes else ""]
+    lines.append(f"checkpoints: {' and '.join(e for e in every if e) or 'at the end only'}, "
+                 f"keeping the last {tc.keep_last or 'all'} and the best")
+    return lines

@@ -1,0 +1,119 @@
+"""The batch plan, its refusal of bad combinations before any stage, the dry run, and the launch command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from rerank_dist.cli import main
+from rerank_dist.config import ConfigError, load_config
+from rerank_dist.plan import BatchPlan, plan_batches, plan_for
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("recipe,table", [
+    # world: (micro-batch, accumulation); the global batch (16) never changes
+    ("qwen3_4b_qlora.yaml", {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1), 16: (1, 1)}),
+    ("llamarec_llama2_7b.yaml", {1: (2, 8), 2: (2, 4), 4: (2, 2), 8: (2, 1), 16: (1, 1)}),
+])
+def test_shipped_recipes_run_unchanged_at_1_to_16_processes(recipe, table):
+    cfg = load_config(CONFIGS / recipe, world_size=1)
+    for world, (micro, accumulation) in table.items():
+        plan = plan_for(cfg, world)
+        assert plan == BatchPlan(world, 16, micro, accumulation)
+        assert plan.world_size * plan.micro_batch_size * plan.accumulation == cfg.train.batch_size
+
+
+def test_the_micro_batch_is_a_ceiling_not_a_divisibility_rule():
+    assert plan_batches(12, 5, 1) == BatchPlan(1, 12, 4, 3)  # 4 is the largest divisor of 12 that is <= 5
+    assert plan_batches(8, 3, 2) == BatchPlan(2, 8, 2, 2)
+    assert plan_batches(7, 4, 1) == BatchPlan(1, 7, 1, 7)  # a prime share: one example at a time
+
+
+@pytest.mark.parametrize("batch,micro,world,fix", [
+    (16, 4, 3, "train.batch_size=15 or 18"),
+    (16, 4, 32, "train.batch_size=32"),
+])
+def test_a_bad_combination_names_the_three_numbers_and_a_fix(batch, micro, world, fix):
+    with pytest.raises(ConfigError) as err:
+        plan_batches(batch, micro, world)
+    msg = str(err.value)
+    assert "\n" not in msg and f"train.batch_size={batch}" in msg and f"train.micro_batch_size={micro}" in msg
+    assert f"{world} processes" in msg and fix in msg
+
+
+def test_a_bad_plan_fails_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun announces 3 processes
+    run_dir = tmp_path / "run"
+    assert main(["run", f"run_dir={run_dir}", "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 processes" in err[0]
+    assert not run_dir.exists()  # nothing ran: not even the data stage
+
+
+def test_a_launcher_cannot_change_gradient_accumulation(monkeypatch):
+    # accelerate launch exports an accelerate config's gradient_accumulation_steps as this variable, and
+    # accelerate would let it override the value the code passes.
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    with pytest.raises(ConfigError, match="gradient accumulation to 1.*needs 8"):
+        load_config(overrides=["train.batch_size=8", "train.micro_batch_size=1"], world_size=1)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")  # agreeing is fine
+    assert plan_for(load_config(world_size=1), 1).accumulation == 8
+
+
+def test_launch_refuses_a_bad_plan_without_starting_processes(monkeypatch, capsys):
+    import rerank_dist.launcher as launcher
+
+    monkeypatch.setattr(launcher, "exec_torchrun", lambda *a: pytest.fail("no process may start"))
+    assert main(["launch", "--cpu", "--nproc-per-node", "3", "train", "train.batch_size=16"]) == 2
+    assert "3 processes" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_without_loading_weights(monkeypatch, capsys):
+    import transformers
+
+    import rerank_dist.launcher as launcher
+
+    monkeypatch.setattr(launcher, "exec_torchrun", lambda *a: pytest.fail("a dry run starts no process"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a dry run loads no weights"))
+    recipe = str(CONFIGS / "qwen3_4b_qlora.yaml")
+    assert main(["launch", "--cpu", "--nproc-per-node", "8", "train", "-c", recipe, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "world: 8 process(es) on 1 node(s)" in out
+    assert "16 examples per step = 8 process(es) x micro-batch 2 x 1 accumulation" in out
+    assert "quantization nf4" in out and "autocast bf16" in out
+    assert "memory: ≈" in out and "GiB per device" in out and "configs/models/qwen3-4b" in out
+
+
+def _launch_args(*argv: str) -> argparse.Namespace:
+    from rerank_dist.cli import build_parser
+
+    return build_parser().parse_args(["launch", *argv])
+
+
+def test_torchrun_command_for_one_and_for_several_nodes():
+    from rerank_dist.launcher import check, torchrun_command
+
+    one = torchrun_command(_launch_args("--nproc-per-node", "2", "score", "run_dir=r"), 2)
+    assert one[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"] and "--standalone" in one
+    assert one[-4:] == ["-m", "rerank_dist.cli", "score", "run_dir=r"]
+    args = _launch_args("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "1234",
+                        "run", "-c", "x.yaml")
+    two = torchrun_command(args, 8)
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=1234"} <= set(two)
+    assert "--standalone" not in two and two[-3:] == ["run", "-c", "x.yaml"]
+    assert check(_launch_args("--nnodes", "2", "--node-rank", "2", "run")) is not None
+    assert check(_launch_args("config")) is not None  # not a stage that runs under processes
+
+
+def test_cpu_workers_are_told_to_use_the_cpu_backend(monkeypatch):
+    from rerank_dist.launcher import child_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = child_environment(_launch_args("--cpu", "--nproc-per-node", "2", "train"), 2)
+    # Without it, accelerate in each torchrun worker sees a world of one (and plain PartialState too).
+    assert env["ACCELERATE_USE_CPU"] == "true" and int(env["OMP_NUM_THREADS"]) >= 1
