@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,19 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/random_model.py
+
 
 def _random_checkpoint(arch_dir: Path, out: Path, tiny: bool) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from random_model import save_random_model
 
-    # tiny: the same code path, small enough for a CPU (passed at construction so derived fields follow)
-    shrink = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=2048) if tiny else {}
-    fields = {**json.loads((arch_dir / "config.json").read_text()), **shrink}
-    config = AutoConfig.for_model(**fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    return out
+    return save_random_model(arch_dir, out, tiny)
 
 
 def _batches(n: int, batch: int, length: int, vocab: int, seed: int):

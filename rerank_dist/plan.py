@@ -146,7 +146,7 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     else:
         arch, where = found
         estimate = estimate_training_memory(arch, mc, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
-                                            plan.world_size)
+                                            plan.world_size, mixed_precision=tc.mixed_precision)
         lines.append(f"memory: {estimate['summary']} (architecture from {where})")
     every = [f"every {tc.save_every} steps" if tc.save_every else "",
              f"every {tc.save_every_minutes:g} min" if tc.save_every_minutes else ""]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run HERE (where pip and the bundled data are), before bench/gpu.sh runs on a GPU machine:
+#   bash bench/gpu_prepare.sh [VENV]
+# Writes .gpu/ (git-ignored; carry it to the GPU machine with the checkout):
+#   .gpu/whl/  wheels the GPU image lacks (bitsandbytes, for 4-bit QLoRA)
+#   .gpu/run/  a run directory with the data and retriever stages done (bundled ml-latest-small, a short
+#              retriever training: its candidates feed the prompts; their quality does not matter here)
+set -euo pipefail
+VENV="${1:-.venv}"
+mkdir -p .gpu/whl
+if ! ls .gpu/whl/bitsandbytes-*.whl >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    -d .gpu/whl "bitsandbytes==0.50.2"
+fi
+RUN=.gpu/run
+"$VENV/bin/rerank-dist" prepare "run_dir=$RUN"
+"$VENV/bin/rerank-dist" retrieve "run_dir=$RUN" retriever.max_epochs=2 retriever.max_minutes=1
+du -sh .gpu/*
