@@ -24,7 +24,7 @@ python3 -c "import torch, transformers, accelerate, peft, bitsandbytes as b; pri
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, \
 'bitsandbytes', b.__version__)" | tee -a "$OUT/gpu.txt"
 
-MODEL=/tmp/qwen3-4b-random
+MODEL="$(mktemp -d)/qwen3-4b-random"  # 8 GB of random bf16 weights, outside the checkout
 python3 bench/random_model.py --arch configs/models/qwen3-4b --out "$MODEL" --device cuda | tee -a "$OUT/gpu.txt"
 SETTINGS=(run_dir=.gpu/run "model.name_or_path=$MODEL" model.gguf_fallback=false model.dtype=bfloat16
   model.quantization=nf4 model.lora_r=16 model.lora_alpha=32 "model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]"

@@ -1,7 +1,9 @@
-"""Entry point for `accelerate launch`: every stage, or one, on all processes.
+"""Entry point for `accelerate launch` on GPUs: every stage, or one, on all processes.
 
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/run.py run -c configs/smollm2_cpu.yaml
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml launch/run.py train -c configs/qwen3_4b_qlora.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml launch/run.py run -c configs/qwen3_4b_qlora.yaml
+
+`rerank-dist launch` does the same without a launcher file, and is the way to run several CPU
+processes: `accelerate launch --cpu --num_processes N` starts only one (its multi-CPU path needs mpirun).
 """
 
 import sys

@@ -90,10 +90,10 @@ def _run_stage(stage_name: str, cfg) -> int:
     stage = {"prepare": pipeline.prepare, "retrieve": pipeline.retrieve, "train": pipeline.train,
              "score": pipeline.score, "export": pipeline.export, "report": pipeline.report,
              "run": pipeline.run_all}[stage_name]
+    state = process_state()
     try:
         if stage_name in ("prepare", "retrieve", "report"):
             # Single-process work: under a launcher the main process does it, the others wait.
-            state = process_state()
             with state.main_process_first():
                 if state.is_main_process:
                     stage(cfg)
@@ -101,6 +101,7 @@ def _run_stage(stage_name: str, cfg) -> int:
             stage(cfg)
     except USER_ERRORS as err:
         return _error_exit(err)
+    state.destroy_process_group()  # every process got here: leave the job cleanly (NCCL warns otherwise)
     return 0
 
 

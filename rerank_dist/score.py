@@ -126,12 +126,13 @@ def rankings_frame(examples, scores: np.ndarray) -> pd.DataFrame:
 def score_split(cfg: RunConfig, split: str) -> dict:
     """Reload the best adapter from disk, score every user of ``split``, write rankings and metrics."""
     from rerank_dist.data.prepare import load_dataset
-    from rerank_dist.distributed import build_accelerator, peak_memory_gib
+    from rerank_dist.distributed import build_accelerator, describe, peak_memory_gib
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_for_scoring, load_tokenizer
 
     paths = RunPaths(Path(cfg.run_dir))
     accelerator = build_accelerator(cfg)
+    accelerator.print(describe(accelerator))
     adapter_dir = paths.best
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no saved adapter (adapter_model.safetensors); run the train stage first")

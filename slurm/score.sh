@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# sbatch slurm/score.sh configs/qwen3_4b_qlora.yaml [overrides...]
-# Reloads <run_dir>/ranker/best from disk and scores every user's candidates across all GPUs.
+# sbatch [--nodes=N] slurm/score.sh configs/qwen3_4b_qlora.yaml [overrides...]
+# Reloads <run_dir>/ranker/best from disk and scores every user's candidates across all GPUs of all nodes.
+# Not yet tested on a real Slurm cluster.
 #SBATCH --job-name=rerank-score
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -11,11 +12,8 @@
 set -euo pipefail
 CONFIG="${1:?usage: sbatch slurm/score.sh CONFIG.yaml [overrides...]}"
 shift
-GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
 MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MAIN_PORT="${MAIN_PORT:-29500}"
 mkdir -p logs
-srun accelerate launch \
-  --multi_gpu --mixed_precision bf16 \
-  --num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * GPUS_PER_NODE))" \
-  --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_ADDR" --main_process_port "${MAIN_PORT:-29500}" \
-  launch/score.py -c "$CONFIG" "$@"
+srun bash -c 'exec rerank-dist launch --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" \
+  --master-addr "$0" --master-port "$1" score -c "$2" "${@:3}"' "$MAIN_ADDR" "$MAIN_PORT" "$CONFIG" "$@"

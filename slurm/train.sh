@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# sbatch slurm/train.sh configs/qwen3_4b_qlora.yaml [overrides...]
-# One task per node; accelerate starts one process per GPU on each node and wires them together.
+# sbatch [--nodes=N] slurm/train.sh configs/qwen3_4b_qlora.yaml [overrides...]
+# One task per node; on each node `rerank-dist launch` starts one process per GPU, with that node's own
+# rank (read inside the task, not by the batch shell) and node 0 as the meeting point.
+# The run directory must be on a filesystem every node sees. Not yet tested on a real Slurm cluster.
 #SBATCH --job-name=rerank-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -11,13 +13,9 @@
 set -euo pipefail
 CONFIG="${1:?usage: sbatch slurm/train.sh CONFIG.yaml [overrides...]}"
 shift
-GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
 MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MAIN_PORT="${MAIN_PORT:-29500}"
 mkdir -p logs
-# Data and retriever stages run once (main process first); training and scoring use every GPU.
-srun accelerate launch \
-  --multi_gpu --mixed_precision bf16 \
-  --num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * GPUS_PER_NODE))" \
-  --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
-  launch/run.py run -c "$CONFIG" "$@"
+# Single quotes: SLURM_NODEID must be expanded by each node's task, not once here.
+srun bash -c 'exec rerank-dist launch --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" \
+  --master-addr "$0" --master-port "$1" run -c "$2" "${@:3}"' "$MAIN_ADDR" "$MAIN_PORT" "$CONFIG" "$@"
