@@ -91,14 +91,19 @@ def _run_stage(stage_name: str, cfg) -> int:
              "score": pipeline.score, "export": pipeline.export, "report": pipeline.report,
              "run": pipeline.run_all}[stage_name]
     state = process_state()
+
+    def log(message: str) -> None:  # one copy of each stage message, however many processes
+        if state.is_main_process:
+            print(message, flush=True)
+
     try:
         if stage_name in ("prepare", "retrieve", "report"):
             # Single-process work: under a launcher the main process does it, the others wait.
             with state.main_process_first():
                 if state.is_main_process:
-                    stage(cfg)
+                    stage(cfg, log)
         else:
-            stage(cfg)
+            stage(cfg, log)
     except USER_ERRORS as err:
         return _error_exit(err)
     state.destroy_process_group()  # every process got here: leave the job cleanly (NCCL warns otherwise)
