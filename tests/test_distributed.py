@@ -152,12 +152,23 @@ def _process(pid: int):
         return None
 
 
+def _logged_steps(log: Path) -> list[int]:
+    steps = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
 def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
-        if log.is_file() and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
-                                 for line in log.read_text().splitlines() if line.strip()):
+        if max(_logged_steps(log), default=0) >= step:
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} never appeared in {log}")
