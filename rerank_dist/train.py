@@ -158,16 +158,17 @@ def train(cfg: RunConfig) -> dict:
 
             # -------------------------------------------------------------- save
             if improved or last or save_by_time or (tc.save_every and state.step % tc.save_every == 0):
-                _save(accelerator, model, paths, cfg, data.verbalizer, state, scheduler, improved)
+                _save(accelerator, paths, cfg, data.verbalizer, state, scheduler, improved)
                 last_save = time.time()
+            last_step_end = time.time()  # tokens/s counts training time only, not validation or saving
             if last:
                 if out_of_time and state.step < total_steps:
                     say(f"stopping at step {state.step}: train.max_minutes={tc.max_minutes} reached")
                 break
-        else:
+        else:  # the epoch ran out: on to the next one
             state.epoch, state.steps_in_epoch = state.epoch + 1, 0
             continue
-        break
+        break  # the for loop broke: the run is done
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it would also end the process group that
         tracker.finish()                  # scoring and the stages after this one still use
@@ -287,7 +288,7 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
     return improved
 
 
-def _save(accelerator, model, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
+def _save(accelerator, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
           scheduler, improved: bool) -> None:
     """step-NNNNNN/ from every process; best/ from it when validation improved; old checkpoints pruned."""
     state.scheduler = scheduler.state_dict()
