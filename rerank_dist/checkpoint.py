@@ -5,7 +5,10 @@
 
 - ``adapter_model.safetensors``, ``adapter_config.json`` (+ peft's ``README.md``): the LoRA adapter
   only, never the frozen base;
-- ``optimizer.bin``: the optimizer state (loaded back with ``weights_only=True``);
+- the optimizer state: ``optimizer.bin`` under ddp (loaded back with ``weights_only=True``);
+  DeepSpeed's engine checkpoint under zero2 / zero3 (``pytorch_model/``: one optimizer partition
+  per process and the trainable weights, no frozen ones; ``latest``); under fsdp
+  torch.distributed.checkpoint shards of the trainable weights and the optimizer (``fsdp_state/``);
 - ``random_states_<rank>.pkl``: each process's RNG states (torch, numpy, python), so LoRA dropout
   continues the same stream;
 - ``trainer_state.json``: step, epoch, position in the epoch, best validation so far, the
@@ -37,9 +40,15 @@ ADAPTER_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json"
 BEST_FILES = ADAPTER_FILES | {"config.yaml", "verbalizer.json"}
 
 
-def step_files(world_size: int) -> set[str]:
-    """The exact file set of a step-NNNNNN/ checkpoint written by world_size processes."""
-    return BEST_FILES | {TRAINER_STATE, "optimizer.bin"} | {f"random_states_{r}.pkl" for r in range(world_size)}
+# What holds the optimizer state, by backend (top-level names in a step directory).
+OPTIMIZER_FILES = {"ddp": {"optimizer.bin"}, "zero2": {"pytorch_model", "latest", "zero_to_fp32.py", "zero_to_torch.py"},
+                   "zero3": {"pytorch_model", "latest", "zero_to_fp32.py", "zero_to_torch.py"}, "fsdp": {"fsdp_state"}}
+
+
+def step_files(world_size: int, backend: str = "ddp") -> set[str]:
+    """The exact top-level file set of a step-NNNNNN/ checkpoint written by world_size processes."""
+    return (BEST_FILES | {TRAINER_STATE} | OPTIMIZER_FILES[backend]
+            | {f"random_states_{r}.pkl" for r in range(world_size)})
 
 
 @dataclasses.dataclass
@@ -54,6 +63,7 @@ class TrainerState:
     total_steps: int = 0
     world_size: int = 1           # processes that wrote the checkpoint
     accumulation: int = 1         # forward passes per optimizer step on each process
+    backend: str = "ddp"          # train.backend that wrote the checkpoint (its optimizer files differ)
     scheduler: dict[str, Any] = dataclasses.field(default_factory=dict)  # lr scheduler state_dict
 
     @classmethod

@@ -103,6 +103,7 @@ class TrainConfig:
     max_minutes: float = _f(10.0, "stop training after this wall time, keeping the best adapter (0 = none)")
     batch_size: int = _f(8, "examples per optimizer step, across all processes (LlamaRec: 16)")
     micro_batch_size: int = _f(1, "largest examples per forward pass per process; the batch plan may use fewer so that batch_size is met exactly at any world size (see plan.py)")
+    backend: str = _f("ddp", "how the processes share the model: ddp (each holds all of it) | zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded) | zero3 (DeepSpeed ZeRO-3: the weights sharded too) | fsdp (PyTorch FSDP2: weights, gradients and optimizer state sharded; GPUs only)")
     mixed_precision: str = _f("no", "autocast for forward and backward, passed to the Accelerator (a launcher's --mixed_precision does not override it): no | bf16 | fp16")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eval_every: int = _f(8, "validate every this many optimizer steps (and at the end)")
@@ -152,6 +153,10 @@ class RunConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Backends that cut the base weights themselves into shards across the processes (so a model is
+# loaded without a device and in one float storage dtype); ddp and zero2 keep the whole model on each.
+SHARDED_BACKENDS = frozenset({"zero3", "fsdp"})
+
 LABEL_SETS = {
     "letters": [chr(c) for c in range(ord("A"), ord("Z") + 1)],
     "letters_lower": [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)],
@@ -167,6 +172,7 @@ _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "train.backend": {"ddp", "zero2", "zero3", "fsdp"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
     "export.dtype": {"auto", "bfloat16", "float16", "float32"},
 }

@@ -50,7 +50,25 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         raise ValueError("label_logits needs left-padded inputs: the last column of attention_mask has zeros")
     head = _plain_output_head(model)
     seen: dict[str, torch.Tensor] = {}
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0])) if head is not None else None
+
+    def take_hidden(module: torch.nn.Linear, args: tuple) -> None:
+        # First of the head's pre-hooks: the hidden state as the model computed it. ZeRO-3's own
+        # pre-hook then wraps the input to release the head's weight after the head's backward,
+        # which never runs here (its full logits are not used), so the wrapped input must not be.
+        seen["h"] = args[0][:, -1, :]  # (B, D) the answer position
+
+    def take_rows(module: torch.nn.Linear, args: tuple) -> None:
+        # Last of the pre-hooks: under ZeRO-3 / FSDP the weight is whole only from the backend's
+        # gather until its release after the forward.
+        if module.weight.dim() != 2 or module.weight.shape[-1] != seen["h"].shape[-1]:
+            return  # still a shard: the model's own logits are used instead
+        ids = label_ids.to(module.weight.device)
+        seen["w"] = module.weight.index_select(0, ids)  # (K, D)
+        if module.bias is not None:
+            seen["b"] = module.bias.index_select(0, ids)  # (K,)
+
+    hooks = [head.register_forward_pre_hook(take_hidden, prepend=True),
+             head.register_forward_pre_hook(take_rows)] if head is not None else []
     try:
         out = model(
             input_ids=input_ids,  # (B, L)
@@ -60,15 +78,12 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             use_cache=False,
         )
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-    label_ids = label_ids.to(out.logits.device)
-    if "h" in seen and head.weight.numel() > 0:  # numel 0: weights partitioned away (ZeRO-3)
-        hidden = seen["h"][:, -1, :].float()  # (B, D)
-        rows = head.weight.index_select(0, label_ids).float()  # (K, D)
-        logits = hidden @ rows.T  # (B, K)
-        return logits + head.bias.index_select(0, label_ids).float() if head.bias is not None else logits
-    return out.logits[:, -1, :].index_select(-1, label_ids).float()  # (B, V) -> (B, K)
+    if "w" in seen:
+        logits = seen["h"].float() @ seen["w"].float().T  # (B, D) @ (D, K) -> (B, K)
+        return logits + seen["b"].float() if "b" in seen else logits
+    return out.logits[:, -1, :].index_select(-1, label_ids.to(out.logits.device)).float()  # (B, V) -> (B, K)
 
 
 def _plain_output_head(model: Any) -> torch.nn.Linear | None:

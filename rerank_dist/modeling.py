@@ -42,20 +42,29 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
     return _DTYPES[cfg.dtype]
 
 
-def _quantization_config(cfg: ModelConfig) -> Any:
+def _quantization_config(cfg: ModelConfig, sharded: bool = False) -> Any:
     if cfg.quantization != "nf4":
         return None
     from transformers import BitsAndBytesConfig
 
     # QLoRA (Dettmers et al.): NF4 storage, double-quantized scales, matmuls in bf16 (or fp32 on CPU).
     compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    # Sharding backends (ZeRO-3, FSDP) cut every weight into flat pieces of one float dtype; packed
+    # uint8 4-bit codes cannot be cut that way, the same bytes viewed as the compute dtype can.
+    storage = {"bnb_4bit_quant_storage": compute} if sharded else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute, **storage)
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
-                    source: Path | str | None = None) -> Any:
-    """The backbone alone (no LoRA), in cfg.dtype or NF4, on device (default: CPU)."""
+                    source: Path | str | None = None, sharded: bool = False) -> Any:
+    """The backbone alone (no LoRA), in cfg.dtype or NF4, on device (default: CPU).
+
+    sharded: the weights are about to be sharded across processes (ZeRO-3, FSDP; see
+    config.SHARDED_BACKENDS). Then no device is given: the backend decides where each shard lives
+    (under ZeRO-3 transformers builds the model inside deepspeed.zero.Init, so every weight is
+    partitioned as it is loaded and no process holds the whole 16-bit model).
+    """
     from transformers import AutoModelForCausalLM
 
     source = source if source is not None else resolve_model_source(cfg)
@@ -65,10 +74,10 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
     )
-    quant = _quantization_config(cfg)
+    quant = _quantization_config(cfg, sharded)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if device is not None:
+    if device is not None and not sharded:
         # Each process gets the whole model on its own device; 4-bit weights are quantized there.
         kwargs["device_map"] = {"": torch.device(device)}
     t0 = time.perf_counter()
@@ -85,25 +94,34 @@ def lora_config(cfg: ModelConfig) -> Any:
 
 
 def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | None = None,
-               source: Path | str | None = None) -> Any:
+               source: Path | str | None = None, sharded: bool = False) -> Any:
     """training=True: the backbone with fresh LoRA adapters, only they trainable, in train mode.
 
     training=False: the bare backbone in eval mode (the untrained baseline a trained adapter is
-    compared against); use load_for_scoring for a trained adapter.
+    compared against); use load_for_scoring for a trained adapter. sharded: see load_base_model.
     """
-    model = load_base_model(cfg, device=device, source=source)
+    model = load_base_model(cfg, device=device, source=source, sharded=sharded)
     if not training:
         return model.eval()
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model.config.use_cache = False  # no generation while training; a KV cache only costs memory
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant checkpointing needs no input-grad hook
-    if cfg.quantization == "nf4":
+    if cfg.quantization == "nf4" and not sharded:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training, and enables checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
     elif cfg.gradient_checkpointing:
+        # Sharded 4-bit weights skip prepare_model_for_kbit_training: its fp32 copies of the
+        # embeddings and norms would double their sharded size for no gain in bf16 training.
         _enable_checkpointing(model, ckpt_kwargs)
+    if sharded and cfg.quantization == "nf4":
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes' CPU kernel repacks a 4-bit weight in place at its first eval-mode
+                # forward (validation); a sharded weight gathered for that one forward must keep
+                # the layout its shards were cut in.
+                module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, lora_config(cfg))
     return model.train()
 

@@ -117,14 +117,16 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     run on CPUs (default: no GPU visible, or ACCELERATE_USE_CPU set)."""
     import torch
 
-    from rerank_dist.memory import estimate_training_memory, find_architecture
+    from rerank_dist.memory import BACKEND_NAMES, BACKENDS, GIB, estimate_training_memory, find_architecture
 
     tc, mc = cfg.train, cfg.model
     if cpu is None:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
     gpu = torch.cuda.is_available() and not cpu
     device = f"cuda ({torch.cuda.get_device_name(0)})" if gpu else "cpu"
-    backend = "single process" if plan.world_size == 1 else f"DDP over {'nccl' if gpu else 'gloo'}"
+    # DeepSpeed and FSDP set up their process group even for one process; plain DDP does not.
+    backend = ("single process" if plan.world_size == 1 and tc.backend == "ddp"
+               else f"{BACKEND_NAMES[tc.backend]} over {'nccl' if gpu else 'gloo'}")
     examples, source = _training_examples(cfg)
     lines = [
         f"world: {plan.world_size} process(es) on {nodes} node(s), {device}; backend {backend}",
@@ -138,16 +140,28 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
                      f"{f', max_steps {tc.max_steps}' if tc.max_steps else ''})")
     else:
         lines.append(f"steps: {source}")
-    lines.append(f"precision: weights {mc.dtype}, quantization {mc.quantization}, autocast {tc.mixed_precision}; "
+    # Under DeepSpeed, train.mixed_precision is DeepSpeed's own 16-bit mode (accelerate runs no autocast).
+    mixed = (f"DeepSpeed {tc.mixed_precision} mode" if tc.backend in {"zero2", "zero3"} and tc.mixed_precision != "no"
+             else f"autocast {tc.mixed_precision}")
+    lines.append(f"precision: weights {mc.dtype}, quantization {mc.quantization}, {mixed}; "
                  f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}")
     found = find_architecture(mc.name_or_path, mc.cache_dir)
     if found is None:
         lines.append(f"memory: unknown (no config.json for {mc.name_or_path} offline)")
     else:
         arch, where = found
-        estimate = estimate_training_memory(arch, mc, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
-                                            plan.world_size, mixed_precision=tc.mixed_precision)
-        lines.append(f"memory: {estimate['summary']} (architecture from {where})")
+        estimates = {b: estimate_training_memory(arch, mc, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
+                                                 plan.world_size, mixed_precision=tc.mixed_precision, backend=b)
+                     for b in BACKENDS}
+        lines.append(f"memory: {estimates[tc.backend]['summary']} (architecture from {where})")
+        # The same run under each backend, so one can be chosen before renting devices.
+        lines.append(f"memory by backend at {plan.world_size} process(es), GiB per device "
+                     f"(weights: base model kept; gathered: held whole while computed):")
+        for b, e in estimates.items():
+            lines.append(f"  {b:<5} {BACKEND_NAMES[b]:<16} total {e['total'] / GIB:5.1f}  "
+                         f"weights {e['weights'] / GIB:5.1f}  gathered {e['gathered_working_set'] / GIB:4.1f}  "
+                         f"activations {e['activations'] / GIB:5.1f}"
+                         f"{'  <- train.backend' if b == tc.backend else ''}")
     every = [f"every {tc.save_every} steps" if tc.save_every else "",
              f"every {tc.save_every_minutes:g} min" if tc.save_every_minutes else ""]
     lines.append(f"checkpoints: {' and '.join(e for e in every if e) or 'at the end only'}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import socket
 import time
 from pathlib import Path
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from rerank_dist.config import ModelConfig
+import rerank_dist.memory as memory
 from rerank_dist.memory import (
+    BACKEND_NAMES,
+    BACKENDS,
+    DS_REDUCE_BUCKET,
+    GIB,
+    OVERHEAD_BYTES,
+    ZERO3_PREFETCH_BUCKET,
     _activation_bytes_per_token,
     _layout,
     estimate_training_memory,
@@ -264,6 +272,222 @@ def test_activation_model_matches_saved_tensors_on_cpu(arch, tmp_path):
     per_tok = _activation_bytes_per_token(_layout(json.dumps(config.to_dict(), sort_keys=True)), cfg, "no")
     predicted = batch * length * sum(per_tok[k] for k in ("norms", "qk_norms", "attention", "mlp", "lora"))
     assert measured == pytest.approx(predicted, rel=0.03)
+
+
+# ---------------------------------------------------------------- backends
+
+# Small enough to build in no time, large enough that ZeRO-3 partitions some weights and keeps others
+# whole: a packed NF4 weight of n values is n / 4 bf16 elements, persistent up to 1e5 elements.
+TINY = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 512,
+        "tie_word_embeddings": False}
+PARTS = ("weights", "gathered_working_set", "lora_adamw", "ddp_buckets", "reduce_bucket", "activations", "overhead")
+
+
+def _nf4(n: int) -> int:
+    """NF4 + double quant by hand: codes n/2, uint8 absmax n/64, fp32 absmax per 256 blocks, tables."""
+    return n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + (16 * 4 + 256 * 4 + 4)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_each_backend_adds_up_by_hand_on_a_tiny_model(world):
+    """Every part but the activations, from the architecture and the backend's rules written out."""
+    h, i, v, r = 512, 1024, 512, 8
+    # (shape) of each quantized weight of one block: q, k, v, o, gate, up, down
+    q_shapes = [(512, h), (256, h), (256, h), (h, 512), (i, h), (i, h), (h, i)]
+    block_norms = [(h,), (h,)]
+    embed, final_norm, head = (v, h), (h,), (v, h)
+    lora = [(r, h), (512, r), (r, h), (256, r)]  # lora_A / lora_B of q_proj and v_proj
+    P = 2 * sum(a * b for a, b in lora)  # 2 blocks
+    assert P == 2 * (8 * (512 + 512) + 8 * (512 + 256))
+    plain = 2 * sum(math.prod(s) for s in block_norms) + math.prod(embed) + math.prod(final_norm) + math.prod(head)
+    quant = [a * b for a, b in q_shapes] * 2
+    stats = sum(_nf4(n) - n // 2 for n in quant)
+    cfg = _cfg()  # nf4, bf16, LoRA r=8 on q/v, no checkpointing
+    est = {b: estimate_training_memory(TINY, cfg, 1, 32, world, mixed_precision="bf16", backend=b) for b in BACKENDS}
+    for b, e in est.items():
+        assert e["trainable_params"] == P and e["backend"] == b
+        assert e["total"] == sum(e[k] for k in PARTS), b
+
+    # DDP: the whole model, norms/embeddings/head fp32; LoRA fp32 weight + grad + 2 moments; buckets.
+    ddp = est["ddp"]
+    assert ddp["weights"] == sum(_nf4(n) for n in quant) + plain * 4
+    assert ddp["lora_adamw"] == 16 * P and ddp["optimizer_shard"] == 8 * P
+    assert ddp["ddp_buckets"] == (4 * P if world > 1 else 0)
+    assert ddp["gathered_working_set"] == ddp["reduce_bucket"] == ddp["sharded_weights"] == 0
+
+    # ZeRO-2 in DeepSpeed's bf16 mode: the whole model, cast to bf16 but the packed codes; LoRA bf16 whole,
+    # its bf16 gradient, fp32 master and moments per partition; a bf16 bucket of 5e7 elements.
+    z2, part = est["zero2"], _ceil(P, world)
+    assert z2["weights"] == sum(_nf4(n) for n in quant) + plain * 2
+    assert z2["lora_adamw"] == 2 * P + 2 * part + (4 + 8) * part
+    assert z2["optimizer_shard"] == 12 * part
+    assert z2["reduce_bucket"] == 50_000_000 * 2 and z2["ddp_buckets"] == 0
+
+    # ZeRO-3: NF4 codes as bf16 elements (n / 4), partitioned; persistent (<= 1e5 elements) ones whole too.
+    z3 = est["zero3"]
+    elems = [(n // 4, 2) for n in quant] + [(math.prod(s), 2) for s in block_norms * 2 + [embed, final_norm, head]]
+    shard = sum(_ceil(e, world) * b for e, b in elems)
+    persistent = sum(e * b for e, b in elems if e <= 100_000)
+    assert z3["sharded_weights"] == shard
+    assert z3["weights"] == shard + persistent + stats
+    lora_elems = [a * b for a, b in lora] * 2
+    assert all(e <= 100_000 for e in lora_elems)  # every adapter stays whole on every process
+    lparts = sum(_ceil(e, world) for e in lora_elems)
+    assert z3["lora_adamw"] == 4 * lparts + 4 * P + 2 * lparts + 8 * lparts  # shard (= master), whole, bf16 grad, moments
+    assert z3["optimizer_shard"] == 8 * lparts and z3["reduce_bucket"] == 50_000_000 * 2
+    # A model this small is traversed in far fewer than stage3_max_reuse_distance elements, so nothing
+    # is released: every non-persistent weight is whole (gate, up, down of both blocks, embedding, head).
+    assert z3["gathered_working_set"] == sum(e * b for e, b in elems if e > 100_000)
+    assert z3["detail"]["gathered_blocks"] == 2
+
+    # FSDP2: dim-0 shards (the codes are an (n / 4, 1) bf16 tensor), the model dtype for the rest;
+    # LoRA fp32 shards of weight, grad and moments; the tail (final norm, head) and 2 blocks gathered in bf16.
+    fs = est["fsdp"]
+    rows = [((n // 4, 1), 2) for n in quant] + [(s, 2) for s in block_norms * 2 + [embed, final_norm, head]]
+    fshard = sum(_ceil(s[0], world) * math.prod(s[1:]) * b for s, b in rows)
+    assert fs["sharded_weights"] == fshard and fs["weights"] == fshard + stats
+    lshard = 2 * sum(_ceil(s[0], world) * s[1] for s in lora)
+    assert fs["lora_adamw"] == 16 * lshard and fs["optimizer_shard"] == 8 * lshard
+    block_whole = sum(a * b for a, b in q_shapes) // 2 + 2 * 2 * h + (P // 2) * 2  # codes, bf16 norms, bf16 LoRA
+    assert fs["gathered_working_set"] == 2 * (h + v * h) + 2 * block_whole
+    assert fs["reduce_bucket"] == fs["ddp_buckets"] == 0
+
+    # Sharding: 1/W of the whole within one element per tensor; nothing sharded under ddp / zero2.
+    whole16 = sum(e * b for e, b in elems)
+    for e in (z3, fs):
+        assert whole16 / world <= e["sharded_weights"] <= whole16 / world + 2 * len(elems) * (world - 1)
+    if world == 1:
+        assert z3["sharded_weights"] == fs["sharded_weights"] == whole16
+
+
+def test_zero2_without_16_bit_mode_is_ddp_but_for_the_optimizer_partition_and_bucket():
+    """DeepSpeed with bf16/fp16 off casts nothing: weights and activations as under DDP; the gradient
+    reduce bucket is allocated at its full 5e7 fp32 elements however few trainable elements there are."""
+    ddp = estimate_training_memory(LLAMA, _cfg(), 2, 256, 8, backend="ddp")
+    z2 = estimate_training_memory(LLAMA, _cfg(), 2, 256, 8, backend="zero2")
+    assert z2["weights"] == ddp["weights"] and z2["activations"] == ddp["activations"]
+    P = ddp["trainable_params"]
+    assert P < DS_REDUCE_BUCKET / 10
+    assert z2["reduce_bucket"] == DS_REDUCE_BUCKET * 4
+    assert z2["lora_adamw"] == 4 * P + 4 * math.ceil(P / 8) + 12 * math.ceil(P / 8)
+
+
+def test_zero3_weights_on_8_processes_are_about_an_eighth_of_ddps_for_llama_2_7b():
+    ddp = estimate_training_memory(LLAMA, _cfg(), 2, 1536, 8, mixed_precision="bf16", backend="ddp")
+    lay = _layout(json.dumps(LLAMA, sort_keys=True))
+    statistics = sum(nf4_bytes(p.numel) - p.numel // 2 for p in lay.params if p.quantized)
+    for backend in ("zero3", "fsdp"):
+        est = estimate_training_memory(LLAMA, _cfg(), 2, 1536, 8, mixed_precision="bf16", backend=backend)
+        whole = est["detail"]["weights_whole_model"]  # NF4 codes + bf16 rest + statistics
+        assert est["sharded_weights"] * 8 == pytest.approx(whole - statistics, rel=1e-4)
+        # What is never sharded: the NF4 absmax statistics (~1/64 byte per weight), small persistent ones.
+        assert ddp["weights"] / 8 < est["weights"] < ddp["weights"] / 8 * 1.1
+        assert est["weights"] - est["sharded_weights"] < 0.12 * GIB
+
+
+def test_sharded_backends_need_less_per_device_than_zero2_and_ddp_for_a_7b_model():
+    totals = {b: estimate_training_memory(LLAMA, _cfg(), 2, 1536, 8, mixed_precision="bf16", backend=b)["total"]
+              for b in BACKENDS}
+    assert totals["fsdp"] < totals["zero2"] and totals["zero3"] < totals["zero2"] <= totals["ddp"]
+    # ... and the gap between ddp and fsdp is more than the weights: fp32 embeddings also make DDP's
+    # residual stream (and so its activations) fp32 under nf4.
+    ddp, fsdp = (estimate_training_memory(LLAMA, _cfg(), 2, 1536, 8, mixed_precision="bf16", backend=b)
+                 for b in ("ddp", "fsdp"))
+    assert fsdp["activations"] < ddp["activations"]
+
+
+def test_more_processes_shrink_only_the_sharded_parts():
+    one, eight = (estimate_training_memory(QWEN, _cfg(gradient_checkpointing=True), 2, 512, w,
+                                           mixed_precision="bf16", backend="fsdp") for w in (1, 8))
+    assert one["activations"] == eight["activations"]
+    assert one["gathered_working_set"] == eight["gathered_working_set"]
+    assert eight["sharded_weights"] == pytest.approx(one["sharded_weights"] / 8, rel=1e-3)
+    assert eight["optimizer_shard"] == pytest.approx(one["optimizer_shard"] / 8, rel=1e-3)
+
+
+def test_zero3_reuse_distance_keeps_the_last_blocks_whole(monkeypatch):
+    """stage3_max_reuse_distance (1e9 elements) keeps the blocks next to the forward/backward turn
+    gathered; at 0 only the current block and the prefetch bucket's worth of the next are whole."""
+    cfg = _cfg()  # Llama-2-7B, nf4, no checkpointing: forward + backward = 2 passes
+    est = estimate_training_memory(LLAMA, cfg, 2, 256, 8, mixed_precision="bf16", backend="zero3")
+    lay = _layout(json.dumps(LLAMA, sort_keys=True))
+    block = sum(p.numel // 4 if p.quantized else p.numel for p in lay.params if p.layer == 0)
+    block += 8 * (4096 + 4096) * 2  # LoRA on q and v, fp32 elements
+    tail = 32_000 * 4_096 + 4_096  # head + final norm
+    kept = sum(1 for j in range(32) if j * block * 2 + 2 * tail < 1e9)
+    assert kept == 8
+    assert est["detail"]["gathered_blocks"] == pytest.approx(kept + ZERO3_PREFETCH_BUCKET / block)
+    monkeypatch.setattr(memory, "ZERO3_MAX_REUSE_DISTANCE", 0)
+    tight = estimate_training_memory(LLAMA, cfg, 2, 256, 8, mixed_precision="bf16", backend="zero3")
+    assert tight["detail"]["gathered_blocks"] == pytest.approx(1 + ZERO3_PREFETCH_BUCKET / block)
+    # Each block held whole costs its NF4 codes (n / 2 bytes); norms and LoRA are persistent anyway.
+    codes = sum(p.numel // 2 for p in lay.params if p.layer == 0 and p.quantized)
+    assert est["gathered_working_set"] - tight["gathered_working_set"] == pytest.approx((kept - 1) * codes, abs=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_summary_names_the_backend_and_its_parts_add_up(backend):
+    est = estimate_training_memory(QWEN, _cfg(gradient_checkpointing=True), 4, 1536, 8, mixed_precision="bf16",
+                                   backend=backend)
+    s = est["summary"]
+    assert s.startswith("≈ ") and f" GiB per device ({BACKEND_NAMES[backend]} on 8 processes: " in s
+    assert f"{est['total'] / GIB:.1f} GiB" in s
+    assert est["total"] == sum(est[p] for p in PARTS) and est["overhead"] == OVERHEAD_BYTES
+    assert all(isinstance(est[p], int) for p in (*PARTS, "total", "sharded_weights", "optimizer_shard"))
+    if backend in ("zero3", "fsdp"):
+        assert "= 1/8 of" in s and "gathered" in s
+    else:
+        assert "gathered" not in s
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend"):
+        estimate_training_memory(LLAMA, _cfg(), 1, 8, backend="zero1")
+
+
+def test_estimate_follows_the_deepspeed_config_the_run_uses():
+    """The bucket sizes and thresholds modelled here are the ones rerank_dist.distributed writes."""
+    from rerank_dist.config import load_config
+    from rerank_dist.distributed import BACKEND_NAMES as RUN_NAMES
+    from rerank_dist.distributed import deepspeed_config
+    from rerank_dist.plan import plan_for
+
+    cfg = load_config(str(REPO / "configs/llamarec_llama2_7b.yaml"), overrides=["train.backend=zero3"], world_size=8)
+    zero = deepspeed_config(cfg, plan_for(cfg, 8))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == memory.DS_REDUCE_BUCKET
+    assert zero["stage3_prefetch_bucket_size"] == memory.ZERO3_PREFETCH_BUCKET
+    assert zero["stage3_param_persistence_threshold"] == memory.ZERO3_PERSISTENCE_THRESHOLD
+    assert zero["stage3_max_live_parameters"] == memory.ZERO3_MAX_LIVE_PARAMETERS
+    assert zero.get("stage3_max_reuse_distance", 1_000_000_000) == memory.ZERO3_MAX_REUSE_DISTANCE
+    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (False, True)  # one bucket, allocated whole
+    assert RUN_NAMES == BACKEND_NAMES
+
+
+@pytest.mark.parametrize("configured", BACKENDS)
+def test_dry_run_shows_a_memory_line_per_backend_marking_the_configured_one(configured):
+    from rerank_dist.config import load_config
+    from rerank_dist.plan import dry_run_lines, plan_for
+
+    cfg = load_config(str(REPO / "configs/qwen3_4b_qlora.yaml"), overrides=[f"train.backend={configured}"],
+                      world_size=8)
+    lines = dry_run_lines(cfg, plan_for(cfg, 8), cpu=True)
+    world = next(line for line in lines if line.startswith("world: "))
+    assert world.endswith(f"backend {BACKEND_NAMES[configured]} over gloo")
+    memory_line = next(line for line in lines if line.startswith("memory: "))
+    assert f"({BACKEND_NAMES[configured]} on 8 processes: " in memory_line
+    table = [line for line in lines if line.startswith("  ") and line.split()[0] in BACKENDS]
+    assert [line.split()[0] for line in table] == list(BACKENDS)
+    assert [line for line in table if line.endswith("<- train.backend")] == [
+        next(line for line in table if line.split()[0] == configured)]
+    for backend, line in zip(BACKENDS, table):
+        est = estimate_training_memory(QWEN, cfg.model, 2, cfg.prompt.max_prompt_tokens, 8,
+                                       mixed_precision=cfg.train.mixed_precision, backend=backend)
+        assert f"total {est['total'] / GIB:5.1f}" in line and f"weights {est['weights'] / GIB:5.1f}" in line
 
 
 # ---------------------------------------------------------------- finding config.json
