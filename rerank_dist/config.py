@@ -104,6 +104,7 @@ class TrainConfig:
     batch_size: int = _f(8, "examples per optimizer step, across all processes (LlamaRec: 16)")
     micro_batch_size: int = _f(1, "largest examples per forward pass per process; the batch plan may use fewer so that batch_size is met exactly at any world size (see plan.py)")
     backend: str = _f("ddp", "how the processes share the model: ddp (each holds all of it) | zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded) | zero3 (DeepSpeed ZeRO-3: the weights sharded too) | fsdp (PyTorch FSDP2: weights, gradients and optimizer state sharded; GPUs only)")
+    deepspeed_config: str = _f("", "zero2/zero3 only: a DeepSpeed config file (JSON or YAML) whose values override the one built from this config, key by key (e.g. zero_optimization.offload_optimizer); the batch plan's sizes and accumulation cannot be overridden")
     mixed_precision: str = _f("no", "autocast for forward and backward, passed to the Accelerator (a launcher's --mixed_precision does not override it): no | bf16 | fp16")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eval_every: int = _f(8, "validate every this many optimizer steps (and at the end)")
@@ -305,16 +306,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 RECORDED_CONFIG = "config.yaml"
 
 
-def _read_yaml(p: Path) -> dict[str, Any]:
+def _read_yaml(p: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's values; ``extends: other.yaml`` (relative to the file) starts from another
+    file's values, which this file's then override field by field."""
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: config file not found" + (f" (extended by {_chain[-1]})" if _chain else ""))
     try:
         raw = _load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    return raw
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{p}: extends: expected the path of another config file, got {parent!r}")
+    parent_path = (p.parent / parent).resolve()
+    if parent_path in _chain or parent_path == p.resolve():
+        raise ConfigError(f"{p}: extends {parent} makes a cycle")
+    return _merged(_read_yaml(parent_path, _chain + (p.resolve(),)), raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def resolve_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -372,6 +390,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
               "train.max_grad_norm", "train.eval_users", "train.save_every", "train.save_every_minutes",
               "train.keep_last", "score.max_users"]:
         positive(d, allow_zero=True)
+    if cfg.train.deepspeed_config:
+        if cfg.train.backend not in ("zero2", "zero3"):
+            errs.append(f"train.deepspeed_config: set, but train.backend={cfg.train.backend} does not use DeepSpeed")
+        elif not Path(cfg.train.deepspeed_config).is_file():
+            errs.append(f"train.deepspeed_config: {cfg.train.deepspeed_config}: file not found")
     unknown = [t for t in cfg.train.report_to if t not in TRACKERS]
     if unknown:
         errs.append(f"train.report_to: expected any of {sorted(TRACKERS)}, got {unknown}")

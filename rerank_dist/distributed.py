@@ -115,7 +115,7 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
                      # The adapter is gathered on its own (adapter_state_dict); a 16-bit copy of the
                      # whole model at every save would cost minutes and the main process's memory.
                      "stage3_gather_16bit_weights_on_model_save": False})
-    return {
+    built = {
         "train_batch_size": plan.batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.accumulation,
@@ -126,6 +126,32 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # torch AdamW on the LoRA weights, as under ddp
         "wall_clock_breakdown": False,
     }
+    if not tc.deepspeed_config:
+        return built
+    return _with_user_overrides(built, Path(tc.deepspeed_config))
+
+
+_PLAN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _with_user_overrides(built: dict[str, Any], path: Path) -> dict[str, Any]:
+    """built, with the values of the user's DeepSpeed file laid over it key by key."""
+    import yaml  # JSON is YAML too
+
+    from rerank_dist.config import _merged
+
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid JSON/YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: expected a mapping of DeepSpeed settings")
+    clashes = [k for k in _PLAN_KEYS if k in user and user[k] != built[k]]
+    if clashes:
+        raise ConfigError(f"{path}: {', '.join(f'{k}={user[k]}' for k in clashes)} contradicts the batch plan "
+                          f"({', '.join(f'{k}={built[k]}' for k in clashes)}); set train.batch_size / "
+                          f"train.micro_batch_size instead, or remove them")
+    return _merged(built, user)
 
 
 def _backend_plugins(cfg: RunConfig, plan: BatchPlan | None, backend: str) -> dict[str, Any]:
@@ -176,6 +202,23 @@ def _check_launcher_backend(backend: str) -> None:
     if launched is not None and launched != backend:
         raise ConfigError(f"the launcher's config selects {launched} but train.backend={backend}; "
                           f"set train.backend={launched} or launch with the matching config")
+
+
+def weights_held(model: Any) -> tuple[int, int]:
+    """(weight elements stored on this process, elements of the whole model): how much of the model
+    this process really holds once the backend has placed it. A ZeRO-3 parameter counts its
+    partition, an FSDP2 DTensor its local shard, a meta tensor nothing."""
+    from torch.distributed.tensor import DTensor
+
+    held = whole = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            held, whole = held + p.ds_tensor.numel(), whole + p.ds_numel
+        elif isinstance(p, DTensor):
+            held, whole = held + p.to_local().numel(), whole + p.numel()
+        else:
+            held, whole = held + (0 if p.is_meta else p.numel()), whole + p.numel()
+    return held, whole
 
 
 def shards_weights(cfg: RunConfig) -> bool:

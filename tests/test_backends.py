@@ -55,13 +55,19 @@ def _env(backend: str) -> dict[str, str]:
     return env
 
 
-def _args(backend: str, run_dir: Path, overrides: list[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rerank_dist.cli", "launch", "--nproc-per-node", "2", "train", *overrides,
-            f"run_dir={run_dir}", f"train.backend={backend}", *SETTINGS, *extra]
+SHARD_EVERYTHING = REPO / "tests" / "deepspeed_shard_everything.yaml"
 
 
-def _train(backend: str, run_dir: Path, overrides: list[str], *extra: str) -> str:
-    result = subprocess.run(_args(backend, run_dir, overrides, *extra), cwd=REPO, env=_env(backend),
+def _args(backend: str, run_dir: Path, overrides: list[str], *extra: str, stage: str = "train") -> list[str]:
+    # Under zero3 the tiny model's weights are all below DeepSpeed's persistence threshold: without
+    # the override file ZeRO-3 would shard none of them.
+    sharding = [f"train.deepspeed_config={SHARD_EVERYTHING}"] if backend == "zero3" else []
+    return [sys.executable, "-m", "rerank_dist.cli", "launch", "--nproc-per-node", "2", stage, *overrides,
+            f"run_dir={run_dir}", f"train.backend={backend}", *SETTINGS, *sharding, *extra]
+
+
+def _train(backend: str, run_dir: Path, overrides: list[str], *extra: str, stage: str = "train") -> str:
+    result = subprocess.run(_args(backend, run_dir, overrides, *extra, stage=stage), cwd=REPO, env=_env(backend),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
@@ -77,17 +83,24 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+# The GPU recipes' combination: NF4 stored in bf16, bf16 mixed precision, gradient checkpointing.
+RECIPE = ["model.quantization=nf4", "model.dtype=bfloat16", "train.mixed_precision=bf16",
+          "model.gradient_checkpointing=true"]
+VARIANTS = {"fp32": [], "nf4": ["model.quantization=nf4"], "recipe": RECIPE}
+
+
 @pytest.fixture(scope="module")
 def runs(trained_run, tmp_path_factory):
-    """Trained runs by (backend, variant), made on first use and shared by this module's tests."""
+    """Runs by (backend, variant), made on first use and shared by this module's tests. The fp32
+    variant is the whole `run` (train, then test scoring and export in the same processes, after the
+    backend is released); the others train only."""
     run_dir, overrides = trained_run
     made: dict[tuple[str, str], Path] = {}
 
     def get(backend: str, variant: str = "fp32") -> Path:
         if (backend, variant) not in made:
             dest = _copy(run_dir, tmp_path_factory.mktemp(f"{backend}_{variant}") / "run", keep_ranker=False)
-            extra = ["model.quantization=nf4"] if variant == "nf4" else []
-            _train(backend, dest, overrides, *extra)
+            _train(backend, dest, overrides, *VARIANTS[variant], stage="run" if variant == "fp32" else "train")
             made[(backend, variant)] = dest
         return made[(backend, variant)]
 
@@ -103,6 +116,10 @@ def test_backend_trains_like_ddp_on_two_processes(runs, backend):
     summary = read_json(other / "ranker" / "train_summary.json")
     assert (summary["world_size"], summary["backend"]) == (2, backend)
     assert read_json(ddp / "ranker" / "train_summary.json")["backend"] == "ddp"
+    # The precondition of "sharded": each process really held about half of the weights (zero3,
+    # fsdp; a few elements of padding) or all of them (zero2 shards only gradients and optimizer).
+    held = summary["weights_held_share"]
+    assert held == 1.0 if backend == "zero2" else 0.5 <= held <= 0.52, held
     l_ddp, l_other = _losses(ddp), _losses(other)
     assert sorted(l_ddp) == sorted(l_other) == [1, 2, 3, 4, 5, 6]
     loss_diff = max(abs(l_ddp[s] - l_other[s]) for s in l_ddp)
@@ -135,9 +152,14 @@ def test_backend_saves_a_whole_adapter_that_stock_peft_loads(runs, backend, mode
     assert len(loaded) == len(saved)
     for key, value in saved.items():
         assert torch.equal(loaded[key.replace(".weight", ".default.weight")], value)
-    # best/ and export/ hold the same files under every backend.
-    ddp_best = runs("ddp") / "ranker" / "best"
-    assert {p.name for p in best.iterdir()} == {p.name for p in ddp_best.iterdir()}
+    # best/ and export/ hold the same files under every backend, and scoring after training (the
+    # same processes, the backend released) ran as plain data parallel over both processes.
+    ddp = runs("ddp")
+    assert {p.name for p in best.iterdir()} == {p.name for p in (ddp / "ranker" / "best").iterdir()}
+    names = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert names(run / "export") == names(ddp / "export") and (run / "export" / "merged" / "config.json").is_file()
+    metrics = read_json(RunPaths(run).metrics("test"))
+    assert metrics["world_size"] == 2 and metrics["reranker"]["num_users"] == 610
 
 
 # ---------------------------------------------------------------- exact resume
@@ -200,3 +222,67 @@ def test_backend_trains_nf4_qlora_like_ddp(runs, backend):
     assert l_ddp[1] == l_other[1]  # the same quantized model before any optimizer step
     assert loss_diff <= NF4_LOSS_TOLERANCE
     assert all(t.numel() > 0 for t in _adapter(other).values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_trains_the_gpu_recipe_combination(runs, backend):
+    """NF4 (bf16 storage where sharded) + bf16 mixed precision + gradient checkpointing, as the
+    Qwen3-4B / Llama-2-7B recipes run it, on 2 CPU processes."""
+    run = runs(backend, "recipe")
+    summary = read_json(run / "ranker" / "train_summary.json")
+    assert (summary["world_size"], summary["backend"], summary["mixed_precision"]) == (2, backend, "bf16")
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(v - summary["chance_loss"]) < 0.5 for v in losses.values())  # finite, sane
+    weights = _adapter(run)
+    assert weights and all(t.numel() > 0 and torch.isfinite(t.float()).all() for t in weights.values())
+
+
+# ---------------------------------------------------------------- configuration, without processes
+
+
+def test_deepspeed_config_is_written_out_from_the_run_config():
+    from rerank_dist.config import RunConfig
+    from rerank_dist.distributed import deepspeed_config
+    from rerank_dist.plan import plan_batches
+
+    cfg = RunConfig()
+    cfg.train.backend, cfg.train.mixed_precision, cfg.train.max_grad_norm = "zero3", "bf16", 0.5
+    ds = deepspeed_config(cfg, plan_batches(16, 4, 2))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 4, 2)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is False
+    assert "auto" not in json.dumps(ds)  # every value explicit, readable from the run's config.yaml
+    cfg.train.backend = "zero2"
+    assert deepspeed_config(cfg, plan_batches(16, 4, 2))["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("env,backend,message", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "zero3", "selects fsdp but train.backend=zero3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "zero3",
+     "selects zero2 but train.backend=zero3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ddp",
+     "selects zero3 but train.backend=ddp"),
+])
+def test_a_launcher_config_for_another_backend_is_refused(monkeypatch, env, backend, message):
+    from rerank_dist.config import ConfigError
+    from rerank_dist.distributed import _check_launcher_backend
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        _check_launcher_backend(backend)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rerank_dist.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env or _env("ddp"), timeout=300)
+
+
+def test_sharded_backends_without_a_launcher_or_gpus_are_clear_errors(tmp_path):
+    out = _cli("train", "train.backend=zero3", f"run_dir={tmp_path}")
+    assert out.returncode == 2 and "train.backend=zero3 runs under a launcher" in out.stderr
+    # FSDP on CPU processes without the test shim: accelerate would silently run plain DDP.
+    out = _cli("launch", "--nproc-per-node", "1", "train", "train.backend=fsdp", f"run_dir={tmp_path}")
+    assert out.returncode != 0 and "train.backend=fsdp needs GPUs" in out.stdout + out.stderr

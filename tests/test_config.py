@@ -103,3 +103,41 @@ def test_yes_no_on_off_stay_strings_where_a_string_is_expected(tmp_path):
     path.write_text("train:\n  mixed_precision: no\nprompt:\n  shuffle_candidates: off\n")
     cfg = load_config(path)
     assert cfg.train.mixed_precision == "no" and cfg.prompt.shuffle_candidates is False  # bools still read
+
+
+# ---------------------------------------------------------------- extends
+
+
+def test_extends_starts_from_the_other_file_and_overrides_field_by_field(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_dir: runs/base\ntrain:\n  lr: 0.002\n  batch_size: 16\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun_dir: runs/child\ntrain:\n  backend: zero3\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.run_dir, cfg.train.backend, cfg.train.lr, cfg.train.batch_size) == ("runs/child", "zero3", 0.002, 16)
+
+
+def test_extends_cycle_and_missing_parent_are_clear_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml: config file not found \(extended by .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("recipe,parent,backend", [
+    ("qwen3_4b_qlora_zero3.yaml", "qwen3_4b_qlora.yaml", "zero3"),
+    ("qwen3_4b_qlora_fsdp.yaml", "qwen3_4b_qlora.yaml", "fsdp"),
+    ("llamarec_llama2_7b_zero3.yaml", "llamarec_llama2_7b.yaml", "zero3"),
+    ("llamarec_llama2_7b_fsdp.yaml", "llamarec_llama2_7b.yaml", "fsdp"),
+    ("llamarec_llama2_7b_lora_zero2.yaml", "llamarec_llama2_7b.yaml", "zero2"),
+])
+def test_backend_recipes_are_their_parent_but_for_the_backend(recipe, parent, backend):
+    child, base = load_config(CONFIGS / recipe), load_config(CONFIGS / parent)
+    assert (child.train.backend, base.train.backend) == (backend, "ddp")
+    assert child.run_dir != base.run_dir
+    child.train.backend, child.run_dir = base.train.backend, base.run_dir
+    if recipe.endswith("lora_zero2.yaml"):
+        assert child.model.quantization == "none"
+        child.model.quantization = base.model.quantization
+    assert child.to_dict() == base.to_dict()
