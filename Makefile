@@ -1,9 +1,9 @@
 # make demo  -> the main job on the embedded default (bundled ml-latest-small, SmolLM2-135M-Instruct)
-# make test  -> the test suite (offline, CPU)
+# make test  -> the test suite (offline, CPU; as root it also starts a two-node Slurm cluster here)
 VENV ?= .venv
 RUN_DIR ?= runs/default
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-slurm bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
@@ -17,6 +17,9 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slurm: install
+	$(VENV)/bin/python -m pytest -q -m slurm
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

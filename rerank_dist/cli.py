@@ -1,9 +1,11 @@
-"""`rerank-dist <stage>`: one subcommand per stage, plus `run` (all of them), `launch` and `config`.
+"""`rerank-dist <stage>`: one subcommand per stage, plus `run` (all of them), `launch`, `config` and `doctor`.
 
 Every stage takes `--config FILE.yaml` and dotted overrides (`train.lr=2e-4`). On an existing run
 directory a stage starts from that run's recorded config.yaml. Errors in input or config print one
 line each and exit with status 2, before any model loads; nothing half-written is left behind.
 `rerank-dist launch [--nproc-per-node N ...] <stage> ...` runs a stage on N processes per node.
+train, score and run stop on SIGUSR1 with their state saved and exit with status 75; the same
+command again resumes them (preemption.py, slurm/).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ STAGES = {
     "run": "every stage in order (the main job)",
     "config": "print the resolved config, or every field with its doc (--fields)",
 }
+# Stages that stop cleanly on a preemption warning (SIGUSR1): checkpoint, then exit 75 (preemption.py).
+PREEMPTIBLE_STAGES = ("train", "score", "run")
 EPILOG = ("overrides: section.field=value, e.g. train.lr=2e-4 model.quantization=nf4; "
           "`rerank-dist config --fields` lists every field")
 
@@ -44,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="run a stage on N processes per node (torchrun; CPU or GPU)",
                        description=launcher.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     launcher.add_arguments(p)
+    from rerank_dist.doctor import cli as doctor_cli
+
+    p = sub.add_parser("doctor", help="check a run (this tool's, a Trainer/TRL output dir, or a predictions file) "
+                       "for every way a reranker quietly fails; exit 0/1/2 = pass/warnings/failures",
+                       description=doctor_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor_cli.add_arguments(p)
     return parser
 
 
@@ -59,10 +69,18 @@ def _is_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage in PREEMPTIBLE_STAGES:
+        from rerank_dist import preemption
+
+        preemption.install()  # first thing: the signal may come while the model is still loading
     from rerank_dist.config import ConfigError, describe_fields, resolve_config
 
     if args.stage == "launch":
         return _launch(args)
+    if args.stage == "doctor":  # reads any run as it is: no config to resolve, one process
+        from rerank_dist.doctor import cli as doctor_cli
+
+        return doctor_cli.main(args)
     if args.stage == "config" and args.fields:
         print("\n".join(describe_fields()))
         return 0
@@ -83,14 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_stage(stage_name: str, cfg) -> int:
-    from rerank_dist import pipeline
+    from rerank_dist import pipeline, preemption
     from rerank_dist.distributed import process_state
     from rerank_dist.errors import USER_ERRORS
 
     stage = {"prepare": pipeline.prepare, "retrieve": pipeline.retrieve, "train": pipeline.train,
              "score": pipeline.score, "export": pipeline.export, "report": pipeline.report,
              "run": pipeline.run_all}[stage_name]
-    state = process_state()
+    # Training stages start the process group their backend needs (DeepSpeed's own under zero2/zero3).
+    try:
+        state = process_state(cfg.train.backend if stage_name in ("train", "run") else "ddp")
+    except USER_ERRORS as err:  # e.g. zero3 without a launcher, or a launcher config for another backend
+        return _error_exit(err)
 
     def log(message: str) -> None:  # one copy of each stage message, however many processes
         if state.is_main_process:
@@ -106,6 +128,10 @@ def _run_stage(stage_name: str, cfg) -> int:
             stage(cfg, log)
     except USER_ERRORS as err:
         return _error_exit(err)
+    except preemption.Preempted as stop:  # every process agreed to stop here, its state saved
+        log(f"preempted: {stop}; exit status {stop.code}: run the same command again (or requeue the job) to resume")
+        state.destroy_process_group()
+        return stop.code
     state.destroy_process_group()  # every process got here: leave the job cleanly (NCCL warns otherwise)
     return 0
 
@@ -136,8 +162,7 @@ def _launch(args) -> int:
         return _error_exit(err)
     if getattr(stage_args, "dry_run", False):
         return _dry_run(cfg, world, args.nnodes, cpu=launcher.use_cpu(args))
-    launcher.exec_torchrun(args, nproc)
-    return 0  # not reached: the process is torchrun now
+    return launcher.exec_torchrun(args, nproc)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,49 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 
 @dataclass
+class ColumnsConfig:
+    user: str = _f("user_id", "column (RecBole: field) holding the user id")
+    item: str = _f("item_id", "column holding the item id, in the interactions and in the titles table")
+    timestamp: str = _f("timestamp", "column holding the interaction time: numbers or date-times; '' = the file's row order is the time order")
+    title: str = _f("title", "column holding the item title: in the titles table, or in the interactions table when there is none")
+    titles_item: str = _f("", "item id column of a separate titles table ('' = the same name as item)")
+
+
+@dataclass
 class DataConfig:
-    source: str = _f("bundled", "where raw files come from: bundled | download | local")
-    dataset: str = _f("ml-latest-small", "dataset name; only MovieLens ml-latest-small is built in")
-    raw_dir: str = _f("", "directory holding ratings.csv and movies.csv when source=local")
-    download_dir: str = _f("", "where source=download keeps the archive (default: <cache_dir>/data)")
+    source: str = _f("bundled", "where raw files come from: bundled (ml-latest-small, shipped) | download (the dataset's official URLs, resumable) | local (files in raw_dir)")
+    dataset: str = _f("ml-latest-small", "ml-latest-small (LlamaRec's ML-100k) | ml-100k | ml-1m | beauty | games (LlamaRec's Amazon 2014 sets) | custom (your own files, read as data.format says)")
+    format: str = _f("native", "file layout: native (the named dataset's release files) | recbole (RecBole atomic .inter/.item files) | table (CSV/TSV/Parquet read through data.columns)")
+    raw_dir: str = _f("", "directory holding the raw files when source=local (native: the release's files, or its archive)")
+    interactions_file: str = _f("", "table: the interactions CSV/TSV/Parquet file; recbole: the .inter file ('' = the only one in raw_dir); relative to raw_dir")
+    titles_file: str = _f("", "table: an optional titles CSV/TSV/Parquet file; recbole: the .item file ('' = the one named like the .inter file); relative to raw_dir")
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig, metadata={"doc": "column names read by format=table and format=recbole"})
+    csv_separator: str = _f("", "table: CSV field separator, one character or \\t ('' = tab for .tsv files, comma otherwise)")
+    title_rule: str = _f("auto", "auto (the dataset's: movielens for MovieLens, plain otherwise) | movielens (LlamaRec: cut ' (YYYY)', drop other '(...)', move a trailing ', The/A/An' to the front, re-append the year) | plain (collapse whitespace, strip); items left without a title are dropped")
+    download_dir: str = _f("", "where source=download keeps the downloaded files (default: <cache_dir>/data)")
     min_count: int = _f(5, "iterative k-core threshold applied to users and items")
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """What a named dataset implies (LlamaRec's settings per dataset)."""
+
+    title_rule: str  # what data.title_rule=auto means
+    max_len: int  # retriever.max_len when no YAML file or override sets it
+    batch_size: int  # retriever.batch_size likewise
+
+
+# Applied by load_config to retriever fields a run leaves unset (apply_dataset_defaults); recorded in
+# the data stage's meta.json. LlamaRec: max length 200 and batch 16 for ML-100k, 50 and 64 otherwise.
+DATASET_DEFAULTS = {
+    "ml-latest-small": DatasetDefaults(title_rule="movielens", max_len=200, batch_size=16),
+    "ml-100k": DatasetDefaults(title_rule="movielens", max_len=200, batch_size=16),
+    "ml-1m": DatasetDefaults(title_rule="movielens", max_len=200, batch_size=16),
+    "beauty": DatasetDefaults(title_rule="plain", max_len=50, batch_size=64),
+    "games": DatasetDefaults(title_rule="plain", max_len=50, batch_size=64),
+    "custom": DatasetDefaults(title_rule="plain", max_len=200, batch_size=16),
+}
+_DATASET_DEFAULT_FIELDS = {"retriever.max_len": "max_len", "retriever.batch_size": "batch_size"}
 
 
 @dataclass
@@ -48,10 +85,10 @@ class RetrieverConfig:
     num_blocks: int = _f(2, "number of LRU blocks")
     dropout: float = _f(0.2, "dropout in embeddings and blocks")
     attn_dropout: float = _f(0.2, "dropout inside the LRU recurrence output")
-    max_len: int = _f(200, "longest input sequence (ML: 200, Amazon: 50)")
+    max_len: int = _f(200, "longest input sequence; unset in the YAML and overrides, data.dataset's default (LlamaRec: 200 for MovieLens, 50 for Amazon)")
     lr: float = _f(1e-3, "AdamW learning rate")
     weight_decay: float = _f(0.01, "AdamW weight decay")
-    batch_size: int = _f(16, "training batch size")
+    batch_size: int = _f(16, "training batch size; unset in the YAML and overrides, data.dataset's default (LlamaRec: 16 for MovieLens, 64 for Amazon)")
     max_epochs: int = _f(200, "upper bound on epochs; early stopping usually ends sooner")
     ema_decay: float = _f(0.0, "validate and keep an exponential moving average of the weights, updated every step, e.g. 0.998 (0 = the raw weights, as LlamaRec)")
     patience: int = _f(5, "validations without Recall@10 improvement before stopping")
@@ -165,7 +202,9 @@ LABEL_SETS = {
 
 _CHOICES = {
     "data.source": {"bundled", "download", "local"},
-    "data.dataset": {"ml-latest-small"},
+    "data.dataset": set(DATASET_DEFAULTS),
+    "data.format": {"native", "recbole", "table"},
+    "data.title_rule": {"auto", "movielens", "plain"},
     "prompt.template": {"alpaca_short", "chat"},
     "prompt.labels": set(LABEL_SETS),
     "prompt.negatives": {"retriever", "random", "mixed"},
@@ -292,15 +331,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     (default: the launcher's). Raises ConfigError listing every problem."""
     cfg = copy.deepcopy(base) if base is not None else RunConfig()
     errors: list[str] = []
+    given: set[str] = set()
     if path:
-        _apply(cfg, _read_yaml(Path(path)), "", errors)
+        values = _read_yaml(Path(path))
+        given |= _dotted_keys(values)
+        _apply(cfg, values, "", errors)
     if overrides:
-        _apply(cfg, _dotted_to_nested(overrides, errors), "", errors)
+        values = _dotted_to_nested(overrides, errors)
+        given |= _dotted_keys(values)
+        _apply(cfg, values, "", errors)
+    apply_dataset_defaults(cfg, given, base)
     errors.extend(validate(cfg, world_size))
     if errors:
         where = f"{path}: " if path else ""
         raise ConfigError("\n".join(f"{where}{e}" for e in errors))
     return cfg
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in values.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def apply_dataset_defaults(cfg: RunConfig, given: set[str], base: RunConfig | None = None) -> None:
+    """Give the fields in DATASET_DEFAULTS that no YAML file or override set (``given``) data.dataset's
+    value. On a recorded run (``base``) its values stand, unless this command changes the dataset."""
+    if cfg.data.dataset not in DATASET_DEFAULTS:
+        return  # validate() reports it
+    if base is not None and base.data.dataset == cfg.data.dataset:
+        return
+    defaults = DATASET_DEFAULTS[cfg.data.dataset]
+    for dotted, attr in _DATASET_DEFAULT_FIELDS.items():
+        if dotted not in given:
+            section, name = dotted.split(".")
+            setattr(getattr(cfg, section), name, getattr(defaults, attr))
 
 
 RECORDED_CONFIG = "config.yaml"
@@ -407,8 +475,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
             errs.append(f"{d}: expected a value in [0, 1], got {v!r}")
     if not 0.0 <= cfg.retriever.ema_decay < 1.0:
         errs.append(f"retriever.ema_decay: expected a value in [0, 1) (0 = off), got {cfg.retriever.ema_decay!r}")
-    if cfg.data.source == "local" and not cfg.data.raw_dir:
-        errs.append("data.raw_dir: required when data.source=local (a directory with ratings.csv and movies.csv)")
+    errs.extend(_data_problems(cfg.data))
     labels = LABEL_SETS.get(cfg.prompt.labels)
     if labels is not None and cfg.retriever.top_k > len(labels):
         errs.append(f"retriever.top_k: {cfg.retriever.top_k} candidates need {cfg.retriever.top_k} labels, "
@@ -431,6 +498,33 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
             plan_for(cfg, world_size)
         except ConfigError as e:
             errs.append(str(e))
+    return errs
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    """Combinations of data fields that cannot be read (each field's own choices are checked above)."""
+    errs: list[str] = []
+    native = data.format == "native"
+    if data.source == "local" and not data.raw_dir:
+        errs.append("data.raw_dir: required when data.source=local (the directory holding the dataset's files)")
+    if data.source == "bundled" and data.dataset != "ml-latest-small" and data.dataset in DATASET_DEFAULTS:
+        errs.append(f"data.source: only ml-latest-small is bundled; use download or local for data.dataset={data.dataset}")
+    if data.dataset == "custom" and native:
+        errs.append("data.format: data.dataset=custom has no release files; set recbole or table")
+    if data.format in ("recbole", "table") and data.source != "local":
+        errs.append(f"data.source: data.format={data.format} reads your own files; set data.source=local")
+    if data.format == "table" and not data.interactions_file:
+        errs.append("data.interactions_file: required when data.format=table (a CSV, TSV or Parquet file)")
+    if native:
+        for name in ("interactions_file", "titles_file"):
+            if getattr(data, name):
+                errs.append(f"data.{name}: only read with data.format=recbole or table, not native")
+    else:
+        for name in ("user", "item", "title"):
+            if not getattr(data.columns, name).strip():
+                errs.append(f"data.columns.{name}: expected a column name, got ''")
+    if data.csv_separator not in ("", "\\t", "tab") and len(data.csv_separator) != 1:
+        errs.append(f"data.csv_separator: expected one character, \\t or '' (by file extension), got {data.csv_separator!r}")
     return errs
 
 

@@ -19,7 +19,6 @@ Main process only: nothing here is distributed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from rerank_dist.config import ExportConfig, ModelConfig, RunConfig
-from rerank_dist.io import atomic_dir, read_json, write_json
+from rerank_dist.io import atomic_dir, read_json, sha256_file, write_json
 from rerank_dist.modeling import _DTYPES, load_base_model, load_tokenizer
 from rerank_dist.paths import RunPaths
 
@@ -101,7 +100,7 @@ def _write_adapter(best: Path, out: Path, tokenizer: Any) -> str:
         if (best / name).is_file():
             shutil.copyfile(best / name, out / name)
     _save_tokenizer(tokenizer, out)
-    return _sha256(out / "adapter_model.safetensors")
+    return sha256_file(out / "adapter_model.safetensors")
 
 
 def _write_merged(cfg: RunConfig, adapter: Path, out: Path, tokenizer: Any, dtype: torch.dtype) -> list[str]:
@@ -133,10 +132,3 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16", the config's spelling
 
 
-def _sha256(path: Path) -> str:
-    # hashlib.file_digest needs Python 3.11; the project supports 3.10.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -14,13 +14,22 @@ there is no GPU (without it, torchrun's CPU processes would each see a world of 
 
 The config is resolved and the batch plan checked for the whole world (nodes x processes) before
 any process starts, so a bad combination fails at once, naming the numbers and a fix.
+
+torchrun's agent runs inside this process (as an exec would, with the same pid, so Ctrl-C and a
+scheduler's SIGTERM reach it directly) rather than as ``python -m torch.distributed.run``: torchrun
+reports any failed worker as exit status 1, and the Slurm scripts need to tell "stopped for a
+preemption, state saved" (``preemption.EXIT_REQUEUE``) from a crash. SIGUSR1, the preemption
+warning, is ignored here and in torchrun's agent; the workers install their own handler.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+
+from rerank_dist import preemption
 
 # Stages that may run under several processes. prepare/retrieve/report run once on the main process.
 MULTI_PROCESS_STAGES = ("run", "train", "score", "export", "prepare", "retrieve", "report")
@@ -67,8 +76,10 @@ def child_environment(args: argparse.Namespace, nproc: int) -> dict[str, str]:
     env = dict(os.environ)
     if use_cpu(args):
         env["ACCELERATE_USE_CPU"] = "true"
-        # torchrun would give each process 1 thread; share the cores instead.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # torchrun would give each process 1 thread; share the cores instead (those this process may
+        # run on: a scheduler's allocation, not the whole machine).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     return env
 
 
@@ -83,9 +94,41 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def exec_torchrun(args: argparse.Namespace, nproc: int) -> None:
-    """Replace this process by torchrun, so signals (Ctrl-C, a scheduler's SIGTERM) reach it directly."""
+def exec_torchrun(args: argparse.Namespace, nproc: int) -> int:
+    """Become torchrun: run its agent in this process and return this node's exit status.
+
+    0 when every worker finished; ``preemption.EXIT_REQUEUE`` when they stopped for a preemption with
+    their state saved; otherwise the first failed worker's status (128 + N for a signal N).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     cmd = torchrun_command(args, nproc)
     print(f"launch: {args.nnodes} node(s) x {nproc} process(es); node rank {args.node_rank}; "
           f"{'cpu (gloo)' if use_cpu(args) else 'cuda (nccl)'}", file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, child_environment(args, nproc))
+    preemption.ignore()  # before any worker starts: they inherit it until they install their handler
+    os.environ.update(child_environment(args, nproc))
+    try:
+        run(parse_args(cmd[3:]))  # cmd[:3] is "python -m torch.distributed.run"
+    except ChildFailedError as err:
+        return _failure_status(err)
+    except SignalException as err:  # this node was told to stop (SIGTERM, Ctrl-C): workers already ended
+        print(f"launch: stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
+    return 0
+
+
+def _failure_status(err) -> int:
+    """This node's exit status from torchrun's record of its failed workers."""
+    codes = [failure.exitcode for failure in err.failures.values()]
+    # The agent terminates the workers still running once one has exited; after a preemption they
+    # had all saved their share already (the save ends with a barrier), so those count as stopped.
+    stopped = {preemption.EXIT_REQUEUE, -signal.SIGTERM, -signal.SIGKILL}
+    if preemption.EXIT_REQUEUE in codes and set(codes) <= stopped:
+        print(f"launch: the workers stopped for a preemption with their state saved; exit status "
+              f"{preemption.EXIT_REQUEUE} (requeue the job to resume)", file=sys.stderr, flush=True)
+        return preemption.EXIT_REQUEUE
+    print(err.format_msg(), file=sys.stderr, flush=True)
+    first = min(err.failures.values(), key=lambda failure: failure.timestamp)
+    return first.exitcode if first.exitcode > 0 else 128 - first.exitcode

@@ -1,4 +1,4 @@
-"""Stages and their order: prepare -> retrieve -> train -> score -> export -> report.
+"""Stages and their order: prepare -> retrieve -> train -> score -> export -> report (-> doctor, in `run`).
 
 Each stage reads the previous stage's files in the run directory and writes its own. A stage whose
 outputs exist for the same inputs is skipped, so a rerun after a crash continues where it stopped.
@@ -77,7 +77,7 @@ def _stage_key(cfg: RunConfig, stage: str) -> str:
     if stage == "prepare" and cfg.data.source == "local":
         from rerank_dist.data.sources import local_fingerprint
 
-        parts.append(local_fingerprint(cfg.data.raw_dir))
+        parts.append(local_fingerprint(cfg.data))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -231,6 +231,28 @@ def report(cfg: RunConfig, log: Callable[[str], None] = print) -> str:
     return text
 
 
+def doctor(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
+    """The doctor on this run's outputs (doctor.md, doctor.json, PNGs), its summary then added to report.md.
+
+    Never raises: every output of the run is complete before it starts, and a doctor that cannot
+    finish (a backbone that no longer loads, say) must not turn a finished run into a failed one.
+    Returns the DoctorReport, or None when it could not finish.
+    """
+    from rerank_dist.doctor import DoctorOptions, run_doctor
+    from rerank_dist.report import write_report
+
+    try:
+        result = run_doctor(Path(cfg.run_dir), DoctorOptions(), say=log, cfg=cfg)
+    except Exception as err:
+        log(f"[doctor] could not finish ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"the run's outputs and report.md are unaffected")
+        return None
+    write_report(cfg)  # report.md again, now with the doctor's summary
+    log(f"[doctor] verdict: {result.verdict}; details in {Path(cfg.run_dir) / 'doctor.md'} "
+        f"(`rerank-dist doctor {cfg.run_dir}` exits 0/1/2 on pass/warnings/failures)")
+    return result
+
+
 def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
     """Every stage in order. Launched as several processes, data and retriever run on the main
     process first (the others then find them done); training and scoring use every process."""
@@ -247,4 +269,5 @@ def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
         export(cfg, log)
     if state.is_main_process:
         report(cfg, log)
+        doctor(cfg, log)  # after the report is on disk: whatever the doctor finds, the run's outputs stay
         log(f"[run] finished in {(time.time() - started) / 60:.1f} min; outputs in {cfg.run_dir}")

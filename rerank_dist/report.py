@@ -1,4 +1,4 @@
-"""The run's final table (console + report.md) and a loss-curve plot."""
+"""The run's final table (console + report.md), a loss-curve plot, and the doctor's verdict when it has one."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def _plot(curve: list[tuple[int, float]], chance: float, out: Path) -> None:
     plt.close(fig)
 
 
+def _doctor_section(paths: RunPaths, split: str) -> list[str]:
+    """The doctor's verdict on exactly these outputs (doctor.json names the metrics file it read), or how to get one."""
+    from rerank_dist.doctor.readers.common import sha256_file
+    from rerank_dist.doctor.render import summary_for_report
+
+    return summary_for_report(paths.root / "doctor.json", sha256_file(paths.metrics(split)))
+
+
 def write_report(cfg: RunConfig, split: str = "test") -> str:
     paths = RunPaths(Path(cfg.run_dir))
     metrics = read_json(paths.metrics(split))
@@ -82,6 +90,7 @@ def write_report(cfg: RunConfig, split: str = "test") -> str:
                  f"({rer:.4f} vs {ret:.4f}).")
     if not metrics.get("scored_all_users", True):
         lines.append("WARNING: score.max_users limited scoring; these are not all-user numbers.")
+    lines += [""] + _doctor_section(paths, split)
     text = "\n".join(lines) + "\n"
     atomic_write_text(paths.report, text)
     return text

@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from rerank_dist import preemption
 from rerank_dist.checkpoint import TrainerState, latest_step_dir, prune_step_dirs, publish_best, reconcile_run
 from rerank_dist.config import RunConfig, labels_for, save_config
-from rerank_dist.distributed import (build_accelerator, describe, keep_adapter_only, load_checkpoint,
-                                     peak_memory_gib, save_checkpoint)
+from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe, keep_adapter_only,
+                                     load_checkpoint, peak_memory_gib, release_backend, save_checkpoint,
+                                     shards_weights, weights_held)
 from rerank_dist.io import append_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad
 from rerank_dist.paths import RunPaths
@@ -61,11 +63,12 @@ def train(cfg: RunConfig) -> dict:
     keep_adapter_only(accelerator)
     set_seed(tc.seed)
     say = accelerator.print
-    say(describe(accelerator))
+    say(f"{describe(accelerator)}; backend {BACKEND_NAMES[tc.backend]}")
 
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(cfg, paths, tokenizer, say)
-    model = load_model(cfg.model, training=True, device=accelerator.device)
+    # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
+    model = load_model(cfg.model, training=True, device=accelerator.device, sharded=shards_weights(cfg))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     # A generator of its own: a DataLoader without one draws its worker seed from the global RNG each
@@ -73,15 +76,18 @@ def train(cfg: RunConfig) -> dict:
     loader = DataLoader(data.rows, batch_size=plan.micro_batch_size, shuffle=True, collate_fn=_collate(data.pad_id),
                         generator=torch.Generator().manual_seed(tc.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    held, whole = weights_held(model)  # under zero3 / fsdp about 1/W of the model per process
+    say(f"weights on this process: {held:,} of {whole:,} elements ({held / whole:.0%}) under {BACKEND_NAMES[tc.backend]}")
     total_steps = _total_steps(cfg, len(loader), plan.accumulation)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per
     # process), and checkpointed as JSON in trainer_state.json.
     scheduler = get_linear_schedule_with_warmup(optimizer, _warmup(tc.warmup_steps, total_steps, say), total_steps)
 
-    state = TrainerState(total_steps=total_steps, world_size=plan.world_size, accumulation=plan.accumulation)
+    state = TrainerState(total_steps=total_steps, world_size=plan.world_size, accumulation=plan.accumulation,
+                         backend=tc.backend)
     resume_from = latest_step_dir(paths.ranker) if tc.resume else None
     if resume_from is not None:
-        state = _resume(accelerator, resume_from, scheduler, total_steps, say)
+        state = _resume(accelerator, model, optimizer, resume_from, scheduler, total_steps, say)
     if accelerator.is_main_process:
         for change in reconcile_run(paths, state if resume_from is not None else None):
             say(f"restart: {change}")
@@ -92,7 +98,7 @@ def train(cfg: RunConfig) -> dict:
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long, device=accelerator.device)  # (K,)
     num_labels = len(data.verbalizer["labels"])
     say(f"training: {len(data.rows)} examples, {total_steps} optimizer steps; {plan.describe()}; "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters; chance loss ln({num_labels}) = "
+        f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable parameters; chance loss ln({num_labels}) = "
         f"{math.log(num_labels):.3f}")
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
         f"{data.stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
@@ -133,34 +139,38 @@ def train(cfg: RunConfig) -> dict:
             window.zero_()
             now = time.time()
             record = {"step": state.step, "epoch": state.epoch, "loss": round(loss_sum / examples, 5),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 5),
+                      "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": round(float(grad_norm), 5) if grad_norm is not None else None,
                       "tokens": int(tokens), "tokens_per_s": round(tokens / max(now - last_step_end, 1e-9), 1),
                       "elapsed_s": round(now - started, 1)}
             last_step_end = now
-            accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")},
-                            step=state.step)
+            accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")
+                             if record[k] is not None}, step=state.step)
             if accelerator.is_main_process:
                 append_jsonl(paths.train_log, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 tqdm.write(f"step {state.step:>5}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                           f"grad {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s  "
+                           f"grad {record['grad_norm'] or float('nan'):.3f}  {record['tokens_per_s']:.0f} tok/s  "
                            f"{(now - started) / 60:.1f} min")
 
             # -------------------------------------------------------------- evaluate
-            out_of_time, save_by_time = _agreed(accelerator, [
+            out_of_time, save_by_time, preempted = _agreed(accelerator, [
                 bool(tc.max_minutes) and now - started > tc.max_minutes * 60,
-                bool(tc.save_every_minutes) and now - last_save > tc.save_every_minutes * 60])
+                bool(tc.save_every_minutes) and now - last_save > tc.save_every_minutes * 60,
+                preemption.requested()])  # a scheduler's warning signal (preemption.py)
             last = state.step >= total_steps or out_of_time
             improved = False
             if state.step % tc.eval_every == 0 or last:
                 improved = _evaluate(accelerator, model, data, cfg, state, paths)
 
             # -------------------------------------------------------------- save
-            if improved or last or save_by_time or (tc.save_every and state.step % tc.save_every == 0):
-                _save(accelerator, paths, cfg, data.verbalizer, state, scheduler, improved)
+            if improved or last or save_by_time or preempted or (tc.save_every and state.step % tc.save_every == 0):
+                _save(accelerator, model, optimizer, paths, cfg, data.verbalizer, state, scheduler, improved)
                 last_save = time.time()
             last_step_end = time.time()  # tokens/s counts training time only, not validation or saving
+            if preempted and not last:  # preemption: this step's checkpoint is written; the requeued job resumes it
+                _stop_for_requeue(accelerator, paths, state, bar)
             if last:
                 if out_of_time and state.step < total_steps:
                     say(f"stopping at step {state.step}: train.max_minutes={tc.max_minutes} reached")
@@ -172,8 +182,10 @@ def train(cfg: RunConfig) -> dict:
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it would also end the process group that
         tracker.finish()                  # scoring and the stages after this one still use
+    release_backend(accelerator)
 
     summary = _summary(paths, cfg, state, data, started, resume_from, accelerator.device)
+    summary["weights_held_share"] = round(held / whole, 4)  # of the main process
     if accelerator.is_main_process:
         write_json(paths.ranker / "train_summary.json", summary)
     accelerator.wait_for_everyone()
@@ -231,10 +243,10 @@ def _warmup(configured: int, total_steps: int, say) -> int:
     return warmup
 
 
-def _resume(accelerator, step_dir: Path, scheduler, total_steps: int, say) -> TrainerState:
+def _resume(accelerator, model, optimizer, step_dir: Path, scheduler, total_steps: int, say) -> TrainerState:
     """Adapter, optimizer, RNG streams and scheduler from step_dir; the step count continues."""
     state = TrainerState.read(step_dir)
-    exact = load_checkpoint(accelerator, step_dir, state.world_size)
+    exact = load_checkpoint(accelerator, model, optimizer, step_dir, state.world_size, state.backend)
     scheduler.load_state_dict(state.scheduler)
     if state.total_steps != total_steps:
         say(f"resuming with {total_steps} total steps (the checkpoint planned {state.total_steps})")
@@ -266,12 +278,25 @@ def _agreed(accelerator, flags: list[bool]) -> list[bool]:
     return [v > 0 for v in accelerator.reduce(votes, "max").tolist()]
 
 
+def _stop_for_requeue(accelerator, paths: RunPaths, state: TrainerState, bar) -> None:
+    """Preempted (see preemption.py): every process agreed to stop after this step, whose checkpoint
+    is on disk. No extra validation: the resumed run must see the same evaluations as an unbroken one."""
+    bar.close()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    waited = preemption.seconds_since_signal()
+    if accelerator.is_main_process:
+        append_jsonl(paths.train_log, {"step": state.step, "event": "preempted", "signal_to_checkpoint_s": waited})
+    raise preemption.Preempted(f"training stopped after step {state.step}/{state.total_steps}; checkpoint "
+                               f"{paths.step_dir(state.step)} written{preemption.describe_wait()}")
+
+
 def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: TrainerState, paths: RunPaths) -> bool:
     """Validation NDCG@10 of the in-memory model (selection only; test scoring reloads from disk).
     Returns whether it is the best so far (state is updated)."""
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long)
     scores = score_prompts(accelerator, accelerator.unwrap_model(model), data.val_tokens, label_ids,
-                           data.pad_id, cfg.score.batch_size)
+                           data.pad_id, cfg.score.batch_size, lockstep=shards_weights(cfg))
     report = evaluate_scores(data.val_examples, scores, cfg.prompt.seed)
     ndcg = report["reranker"]["all_users"]["ndcg@10"]
     base = report["retriever_order"]["all_users"]["ndcg@10"]
@@ -288,7 +313,7 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
     return improved
 
 
-def _save(accelerator, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
+def _save(accelerator, model, optimizer, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
           scheduler, improved: bool) -> None:
     """step-NNNNNN/ from every process; best/ from it when validation improved; old checkpoints pruned."""
     state.scheduler = scheduler.state_dict()
@@ -299,7 +324,7 @@ def _save(accelerator, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state:
         save_config(cfg, tmp / "config.yaml")
         write_json(tmp / "verbalizer.json", {**verbalizer, "step": state.step})
 
-    save_checkpoint(accelerator, step_dir, extras)
+    save_checkpoint(accelerator, model, optimizer, step_dir, extras)
     if accelerator.is_main_process:
         if improved:
             publish_best(step_dir, paths.best)
@@ -318,7 +343,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
     return {"steps": state.step, "total_steps": state.total_steps, "examples": len(data.rows),
             "loss_first_steps": _mean(losses[:5]), "loss_last_steps": _mean(losses[-5:]),
             "chance_loss": math.log(num_labels), "best_val_ndcg@10": state.best_ndcg, "best_step": state.best_step,
-            "val_users": len(data.val_examples), "world_size": state.world_size,
+            "val_users": len(data.val_examples), "world_size": state.world_size, "backend": state.backend,
             "accumulation": state.accumulation, "mixed_precision": cfg.train.mixed_precision,
             "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
             "peak_memory_gib": peak_memory_gib(device),

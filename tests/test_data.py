@@ -83,7 +83,7 @@ def test_titles_with_newlines_are_counted_and_empty_titles_dropped(tmp_path):
     meta = prepare_data(local_cfg(root), tmp_path / "data", tmp_path / "cache", log=quiet)
     assert meta["fixups"]["whitespace_fixed"] == 1
     assert meta["fixups"]["empty_titles"] == 1
-    assert meta["fixups"]["untitled_movie_ratings"] == 3
+    assert meta["fixups"]["untitled_item_interactions"] == 3
     ds = load_dataset(tmp_path / "data")
     assert ds.titles == {1: "Two Lines (2000)", 2: "Plain (2001)", 3: "Four (2004)"}
 
@@ -96,10 +96,10 @@ def test_k_core_iterates_until_stable():
     # user 1 and movie 3 with a single interaction, which in turn leaves user 2 and movie 2 with one:
     # a single pass would keep users 1-2 and movies 2-3.
     rows = [(1, 1, 0), (1, 2, 1), (2, 2, 0), (2, 3, 1), (3, 3, 0)] + dense_block(range(4, 6), range(100, 102))
-    frame = pd.DataFrame(rows, columns=["userId", "movieId", "timestamp"])
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
     core = k_core(frame, 2)
-    assert sorted(core["userId"].unique()) == [4, 5]
-    assert sorted(core["movieId"].unique()) == [100, 101]
+    assert sorted(core["user"].unique()) == [4, 5]
+    assert sorted(core["item"].unique()) == [100, 101]
     assert len(core) == 4
 
 
@@ -107,13 +107,13 @@ def test_reindex_by_original_ids_and_ties_broken_by_item():
     ratings = pd.DataFrame(
         [(30, 7, 5), (30, 3, 5), (30, 5, 1),  # 3 and 7 share a timestamp: ordered by item id
          (10, 5, 9), (10, 7, 2), (10, 3, 2)],
-        columns=["userId", "movieId", "timestamp"])
-    movies = pd.DataFrame({"movieId": [7, 5, 3], "title": ["Seven", "Five", "Three"]})
+        columns=["user", "item", "timestamp"])
+    movies = pd.DataFrame({"item": [7, 5, 3], "title": ["Seven", "Five", "Three"]})
     out = preprocess(ratings, movies, min_count=1)
     assert out.items.to_dict("list") == {"item_id": [1, 2, 3], "title": ["Three", "Five", "Seven"],
                                          "source_id": [3, 5, 7]}
-    assert out.sequences.to_dict("list") == {"user_id": [1, 2], "source_user_id": [10, 30],
-                                             "items": [[1, 3, 2], [2, 1, 3]]}
+    assert out.sequences.to_pydict() == {"user_id": [1, 2], "source_user_id": [10, 30],
+                                         "items": [[1, 3, 2], [2, 1, 3]]}
 
 
 def test_unknown_movies_are_counted_and_reported(tmp_path):
@@ -121,10 +121,10 @@ def test_unknown_movies_are_counted_and_reported(tmp_path):
     root = write_local(tmp_path / "raw", rows, [(1, "A (2001)"), (2, "B (2002)"), (3, "C (2003)")])
     lines: list[str] = []
     meta = prepare_data(local_cfg(root), tmp_path / "data", tmp_path / "cache", log=lines.append)
-    assert meta["fixups"]["unknown_movie_ratings"] == 3
-    assert meta["fixups"]["unknown_movie_ids"] == 2
+    assert meta["fixups"]["unknown_item_interactions"] == 3
+    assert meta["fixups"]["unknown_item_ids"] == 2
     assert meta["num_interactions"] == 9
-    assert any("3 ratings named movies absent from movies.csv" in line for line in lines)
+    assert any("3 interactions named items absent from the titles" in line for line in lines)
 
 
 def test_users_too_short_for_leave_one_out(tmp_path):
@@ -271,7 +271,7 @@ def test_bundled_meta_records_provenance_and_fixups(bundled):
     src = meta["source"]
     assert src["source"] == "bundled" and src["official_release"] is True
     assert src["sha256"] == sources.OFFICIAL_SHA256
-    assert meta["fixups"]["unknown_movie_ratings"] == 0
+    assert meta["fixups"]["unknown_item_interactions"] == 0
     assert meta["fixups"]["whitespace_fixed"] == 15
     assert json.loads((data_dir / "meta.json").read_text()) == meta
     items = pd.read_parquet(data_dir / "items.parquet")
@@ -374,7 +374,7 @@ def _corrupted_zip() -> bytes:
 
 
 def fake_fetch(payload: bytes, calls: list[str]):
-    def fetch(url: str, dest: Path) -> None:
+    def fetch(url: str, dest: Path, log=None) -> None:
         calls.append(url)
         Path(dest).write_bytes(payload)
     return fetch
@@ -387,10 +387,10 @@ def test_download_verifies_and_caches(tmp_path, monkeypatch):
     raw = sources.load_raw(cfg, tmp_path / "cache")
     assert calls == [sources.OFFICIAL_URL]
     assert raw.provenance["source"] == "download" and raw.provenance["official_release"]
-    assert raw.provenance["url"] == sources.OFFICIAL_URL
+    assert raw.provenance["urls"] == {"ml-latest-small.zip": sources.OFFICIAL_URL}
     extracted = tmp_path / "cache" / "data" / "ml-latest-small"
     assert sorted(p.name for p in extracted.iterdir()) == ["movies.csv", "ratings.csv"]
-    assert len(raw.ratings) == 100836 and len(raw.movies) == 9742
+    assert raw.interactions.num_rows == 100836 and raw.titles.num_rows == 9742
     sources.load_raw(cfg, tmp_path / "cache")
     assert len(calls) == 1  # second run reads the verified copy
 
@@ -417,16 +417,17 @@ def test_tampered_cached_copy_is_refused(tmp_path, monkeypatch):
         sources.load_raw(cfg, tmp_path / "cache")
 
 
-def test_download_failure_leaves_no_archive(tmp_path, monkeypatch):
-    def offline(url: str, dest: Path) -> None:
+def test_download_failure_leaves_no_archive_but_keeps_the_partial_file(tmp_path, monkeypatch):
+    def offline(url: str, dest: Path, log=None) -> None:
         Path(dest).write_bytes(b"partial")
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(sources, "fetch_url", offline)
     cfg = DataConfig(source="download", download_dir=str(tmp_path / "dl"))
-    with pytest.raises(DataError, match=r"download failed \(no route to host\)"):
+    with pytest.raises(DataError, match=r"download failed \(no route to host\); 7 bytes kept in .*run again to resume"):
         sources.load_raw(cfg, tmp_path / "cache")
-    assert list((tmp_path / "dl").iterdir()) == []
+    # No archive a later run would trust; the bytes so far stay, for the next run to resume from.
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["ml-latest-small.zip.part"]
 
 
 def test_downloaded_file_that_is_not_a_zip(tmp_path, monkeypatch):
