@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from rerank_dist.checkpoint import latest_step_dir, step_files
 from rerank_dist.io import read_json
 from rerank_dist.paths import RunPaths
+from tests.preemption_helpers import copy_run
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -51,18 +52,7 @@ def _run(*launch_args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _copy(run_dir: Path, dest: Path, keep_ranker: bool = True) -> Path:
-    import shutil
-
-    shutil.copytree(run_dir, dest)
-    if not keep_ranker:
-        shutil.rmtree(dest / "ranker")
-    for name in ("rankings_test.parquet", "metrics_test.json", "report.md", "export"):
-        target = dest / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    return dest
+    return copy_run(run_dir, dest, keep_ranker)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
