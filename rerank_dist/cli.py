@@ -162,7 +162,7 @@ def _launch(args) -> int:
         return _error_exit(err)
     if getattr(stage_args, "dry_run", False):
         return _dry_run(cfg, world, args.nnodes, cpu=launcher.use_cpu(args))
-    return launcher.exec_torchrun(args, nproc)
+    return launcher.run_torchrun(args, nproc)
 
 
 if __name__ == "__main__":

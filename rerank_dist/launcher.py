@@ -94,7 +94,7 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def exec_torchrun(args: argparse.Namespace, nproc: int) -> int:
+def run_torchrun(args: argparse.Namespace, nproc: int) -> int:
     """Become torchrun: run its agent in this process and return this node's exit status.
 
     0 when every worker finished; ``preemption.EXIT_REQUEUE`` when they stopped for a preemption with

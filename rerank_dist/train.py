@@ -97,9 +97,9 @@ def train(cfg: RunConfig) -> dict:
 
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long, device=accelerator.device)  # (K,)
     num_labels = len(data.verbalizer["labels"])
+    num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3: whole size, not the shard
     say(f"training: {len(data.rows)} examples, {total_steps} optimizer steps; {plan.describe()}; "
-        f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable parameters; chance loss ln({num_labels}) = "
-        f"{math.log(num_labels):.3f}")
+        f"{num_trainable:,} trainable parameters; chance loss ln({num_labels}) = {math.log(num_labels):.3f}")
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
         f"{data.stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
         f"label balance max/min = {data.stats.get('label_balance_ratio')}")

@@ -67,7 +67,7 @@ def test_a_launcher_cannot_change_gradient_accumulation(monkeypatch):
 def test_launch_refuses_a_bad_plan_without_starting_processes(monkeypatch, capsys):
     import rerank_dist.launcher as launcher
 
-    monkeypatch.setattr(launcher, "exec_torchrun", lambda *a: pytest.fail("no process may start"))
+    monkeypatch.setattr(launcher, "run_torchrun", lambda *a: pytest.fail("no process may start"))
     assert main(["launch", "--cpu", "--nproc-per-node", "3", "train", "train.batch_size=16"]) == 2
     assert "3 processes" in capsys.readouterr().err
 
@@ -77,7 +77,7 @@ def test_dry_run_prints_the_plan_without_loading_weights(monkeypatch, capsys):
 
     import rerank_dist.launcher as launcher
 
-    monkeypatch.setattr(launcher, "exec_torchrun", lambda *a: pytest.fail("a dry run starts no process"))
+    monkeypatch.setattr(launcher, "run_torchrun", lambda *a: pytest.fail("a dry run starts no process"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: pytest.fail("a dry run loads no weights"))
     recipe = str(CONFIGS / "qwen3_4b_qlora.yaml")
