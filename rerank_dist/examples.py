@@ -13,10 +13,20 @@ Training candidates (``PromptConfig.negatives``):
   retriever's best non-target candidates.
 
 Validation/test candidates are exactly as retrieved; a missing target gives ``label_index=-1``
-(scored as a miss). With ``shuffle_candidates`` the displayed order is a permutation seeded by
-(seed, user, prefix_len), and the target's slot cycles through seeded permutations of the labels,
-so every letter is the answer equally often (counts differ by at most one) and a model cannot win
-by learning a position.
+(scored as a miss).
+
+Display order (``PromptConfig.train_order`` for training, ``eval_order`` for validation/test) is a
+protocol choice, recorded with the metrics:
+
+* ``shuffled``: a permutation seeded by (seed, user, prefix_len); in training the target's slot
+  cycles through seeded permutations of the labels, so every letter is the answer equally often
+  (counts differ by at most one) and a model cannot win by learning a position.
+* ``retriever``: the retriever's order, best first (LlamaRec evaluates this way: a letter's
+  position then carries the retriever's rank). A training target the retriever missed takes a slot
+  drawn from the slots where the retriever placed the targets it found, so the answer positions a
+  model sees in training are distributed as the ones evaluation asks about.
+
+``permutation=p > 0`` shows the same candidates in another seeded order (permutation averaging).
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ from rerank_dist.config import PromptConfig
 from rerank_dist.prompts import PromptError, TitleBook, encode_prompts, render_prompt
 
 # Salts keep the shuffling and sampling streams of one example independent.
-_SHUFFLE, _SAMPLE, _SUBSET, _BALANCE = 1, 2, 3, 4
+_SHUFFLE, _SAMPLE, _SUBSET, _BALANCE, _SLOT = 1, 2, 3, 4, 5
+_PERMUTATION = 100  # + p: the p-th extra display order of an evaluation prompt
 
 
 class ExamplesError(PromptError):
@@ -48,6 +59,7 @@ class Example:
     label_index: int                # index of the target in candidate_ids; -1 if absent (eval only)
     retriever_positions: list[int]  # 0-based retriever rank of each displayed candidate; -1 if not retrieved
     target: int
+    retriever_scores: list[float]   # the retriever's score of each displayed candidate; NaN if not retrieved
 
 
 def _rng(seed: int, user: int, prefix_len: int, salt: int) -> np.random.Generator:
@@ -92,9 +104,12 @@ def _train_candidates(retrieved: list[int], target: int, history: Sequence[int],
     raise ExamplesError(f"prompt.negatives: expected retriever | random | mixed, got {cfg.negatives!r}")
 
 
-def _rows(candidates: Any, split: str, cfg: PromptConfig) -> list[tuple[int, int, int, list[int]]]:
-    rows = [(int(u), int(p), int(t), [int(c) for c in cands]) for u, p, t, cands in
-            candidates[["user", "prefix_len", "target", "candidates"]].itertuples(index=False, name=None)]
+def _rows(candidates: Any, split: str, cfg: PromptConfig) -> list[tuple[int, int, int, list[int], list[float]]]:
+    k = len(candidates["candidates"].iloc[0]) if len(candidates) else 0
+    scores = (candidates["retriever_scores"] if "retriever_scores" in candidates
+              else [[float("nan")] * k] * len(candidates))
+    rows = [(int(u), int(p), int(t), [int(c) for c in cands], [float(x) for x in sc]) for (u, p, t, cands), sc in
+            zip(candidates[["user", "prefix_len", "target", "candidates"]].itertuples(index=False, name=None), scores)]
     cap = cfg.max_train_examples
     if split == "train" and 0 < cap < len(rows):
         keep = np.sort(np.random.default_rng([int(cfg.seed), _SUBSET]).choice(len(rows), size=cap, replace=False))
@@ -103,21 +118,30 @@ def _rows(candidates: Any, split: str, cfg: PromptConfig) -> list[tuple[int, int
 
 
 def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Sequence[str], tokenizer: Any,
-                   split: str, num_items: int) -> tuple[list[Example], dict[str, Any]]:
+                   split: str, num_items: int, permutation: int = 0) -> tuple[list[Example], dict[str, Any]]:
     """Examples for one split and the stats that show whether they are fit to train/evaluate on.
 
-    ``candidates``: DataFrame with user, prefix_len, target, candidates (K items, retriever order).
+    ``candidates``: DataFrame with user, prefix_len, target, candidates (K items, retriever order)
+    and, where the retriever stage wrote them, retriever_scores (K floats, same order).
+    ``permutation``: 0 = the configured order; p > 0 = the p-th seeded reordering (evaluation only).
     ``dataset``: has ``titles`` (item -> title) and ``sequences`` (user -> items, chronological).
     ``labels``: K labels, e.g. ``config.labels_for(run_cfg)``.
     """
     if split not in {"train", "val", "test"}:
         raise ExamplesError(f"split: expected train | val | test, got {split!r}")
+    if permutation and split == "train":
+        raise ExamplesError("permutation: extra display orders are for evaluation prompts, not training")
     labels = list(labels)
+    order = cfg.train_order if split == "train" else cfg.eval_order
     book = TitleBook(dataset.titles, tokenizer, cfg.title_max_tokens)
     examples: list[Example] = []
     missing = truncated_prompts = dropped = placed = 0
     token_counts: list[int] = []
-    for user, prefix_len, target, retrieved in _rows(candidates, split, cfg):
+    rows = _rows(candidates, split, cfg)
+    # Where the retriever puts the targets it finds: the slots a missed training target is shown in
+    # under retriever order (so training's answer positions match what evaluation asks about).
+    found_slots = [r.index(t) for _, _, t, r, _ in rows if t in r]
+    for user, prefix_len, target, retrieved, retrieved_scores in rows:
         if len(retrieved) != len(labels):
             raise ExamplesError(f"user {user} (prefix_len {prefix_len}): {len(retrieved)} candidates, "
                                 f"expected {len(labels)} (one per label)")
@@ -130,11 +154,19 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
                                          _rng(cfg.seed, user, prefix_len, _SAMPLE), user)
         else:
             shown = list(retrieved)
-        if cfg.shuffle_candidates:
+        if permutation:
+            shown = _shuffle(shown, target, None, _rng(cfg.seed, user, prefix_len, _PERMUTATION + permutation))
+        elif order == "shuffled":
             slot = _balanced_slot(cfg.seed, placed, len(shown)) if target in shown else None
             shown = _shuffle(shown, target, slot, _rng(cfg.seed, user, prefix_len, _SHUFFLE))
             placed += target in shown
+        elif split == "train" and target not in retrieved and cfg.negatives == "retriever":
+            rng = _rng(cfg.seed, user, prefix_len, _SLOT)
+            slot = found_slots[rng.integers(len(found_slots))] if found_slots else int(rng.integers(len(shown)))
+            shown.remove(target)
+            shown.insert(slot, target)
         rank = {item: i for i, item in enumerate(retrieved)}
+        score_of = dict(zip(retrieved, retrieved_scores))
         rendered = render_prompt(tokenizer, cfg, labels, [book(i) for i in history], [book(i) for i in shown])
         truncated_prompts += rendered.history_dropped > 0
         dropped += rendered.history_dropped
@@ -142,8 +174,9 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
         examples.append(Example(user=user, prefix_len=prefix_len, split=split, prompt=rendered.text,
                                 candidate_ids=shown,
                                 label_index=shown.index(target) if target in shown else -1,
-                                retriever_positions=[rank.get(i, -1) for i in shown], target=target))
-    stats = _stats(examples, labels, split, cfg, missing, book)
+                                retriever_positions=[rank.get(i, -1) for i in shown], target=target,
+                                retriever_scores=[score_of.get(i, float("nan")) for i in shown]))
+    stats = _stats(examples, labels, split, order, cfg, missing, book)
     stats.update(prompts_history_truncated=truncated_prompts, history_titles_dropped=dropped,
                  prompt_tokens_max=max(token_counts, default=0),
                  prompt_tokens_mean=round(float(np.mean(token_counts)), 1) if token_counts else 0.0)
@@ -182,7 +215,7 @@ def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]
     return [int(i) for i in seq[:prefix_len]]
 
 
-def _stats(examples: list[Example], labels: list[str], split: str, cfg: PromptConfig, missing: int,
+def _stats(examples: list[Example], labels: list[str], split: str, order: str, cfg: PromptConfig, missing: int,
            book: TitleBook) -> dict[str, Any]:
     n = len(examples)
     counts = Counter(labels[e.label_index] for e in examples if e.label_index >= 0)
@@ -192,7 +225,8 @@ def _stats(examples: list[Example], labels: list[str], split: str, cfg: PromptCo
         "split": split,
         "examples": n,
         "labels": len(labels),
-        "shuffled": bool(cfg.shuffle_candidates),
+        "order": order,
+        "shuffled": order == "shuffled",
         # Share of examples whose retriever candidates lacked the target (eval: guaranteed misses).
         "target_missing": missing,
         "target_missing_rate": round(missing / n, 4) if n else 0.0,

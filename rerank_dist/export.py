@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from rerank_dist.config import ExportConfig, ModelConfig, RunConfig
+from rerank_dist.hardware import resolve_dtype
 from rerank_dist.io import atomic_dir, read_json, sha256_file, write_json
 from rerank_dist.modeling import _DTYPES, load_base_model, load_tokenizer
 from rerank_dist.paths import RunPaths
@@ -37,16 +38,21 @@ OPTIONAL_ADAPTER_FILES = ("README.md",)
 MANIFEST = "export.json"
 
 
-def merged_dtype(model_cfg: ModelConfig, export_cfg: ExportConfig) -> torch.dtype:
+def merged_dtype(model_cfg: ModelConfig, export_cfg: ExportConfig, trained: str | None = None) -> torch.dtype:
     """The dtype of the merged weights: export.dtype, or for auto the dtype the model computed in.
 
+    trained: for model.dtype auto, the dtype training resolved it to (train_summary.json's ``dtype``);
+    without it auto is resolved as training on this machine would (its GPU if any, else its CPU).
     auto with nf4: the 4-bit compute dtype (as modeling._quantization_config picks it), never 4-bit.
     """
     if export_cfg.dtype != "auto":
         return _DTYPES[export_cfg.dtype]
+    model_dtype = model_cfg.dtype
+    if model_dtype == "auto":
+        model_dtype = trained or resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")[0]
     if model_cfg.quantization == "nf4":
-        return torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
-    return _DTYPES[model_cfg.dtype]
+        return torch.bfloat16 if model_dtype == "bfloat16" else torch.float32
+    return _DTYPES[model_dtype]
 
 
 def export_run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
@@ -65,7 +71,7 @@ def export_run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         log(f"[export] adapter (step {verbalizer.get('step')}) -> {paths.export / 'adapter'} "
             f"({time.perf_counter() - t0:.1f} s)")
         shards: list[str] = []
-        dtype = merged_dtype(cfg.model, cfg.export) if cfg.export.merged else None
+        dtype = merged_dtype(cfg.model, cfg.export, _trained_dtype(paths)) if cfg.export.merged else None
         if dtype is not None:
             t0 = time.perf_counter()
             shards = _write_merged(cfg, tmp / "adapter", tmp / "merged", tokenizer, dtype)
@@ -75,6 +81,12 @@ def export_run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         write_json(tmp / MANIFEST, manifest)
     log(f"[export] done in {time.perf_counter() - started:.1f} s: {paths.export}")
     return manifest
+
+
+def _trained_dtype(paths: RunPaths) -> str | None:
+    """The dtype the train stage resolved model.dtype to, where its summary records it."""
+    summary = paths.ranker / "train_summary.json"
+    return read_json(summary).get("dtype") if summary.is_file() else None
 
 
 def _manifest(cfg: RunConfig, verbalizer: dict, sha: str, dtype: torch.dtype | None, shards: list[str]) -> dict:

@@ -38,6 +38,7 @@ transformers' own ``get_keys_to_not_convert`` / ``should_convert_module`` to dec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rerank_dist.config import ModelConfig
+from rerank_dist.hardware import planned_dtype
 
 log = logging.getLogger(__name__)
 
@@ -635,11 +637,13 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
     * ``overhead``.
 
     Also ``backend``, ``world_size``, ``trainable_params``, ``total_params``, ``detail`` (sub-parts,
-    bytes) and a one-line ``summary`` naming the backend. An estimate of the steady training peak:
-    it leaves out load-time transients, the optimizer step's own temporaries (taken after the
-    activations are freed), fragmentation beyond the fixed overhead, and other processes on the
-    device. Raises ValueError for a model_type transformers cannot build from config alone or an
-    unknown backend.
+    bytes), ``dtype`` / ``dtype_reason`` (model.dtype as counted: auto is taken as bfloat16, the
+    estimate being for GPUs, and the summary says so; pass a model_cfg with the dtype a device
+    resolved to for anything else) and a one-line ``summary`` naming the backend. An estimate of the
+    steady training peak: it leaves out load-time transients, the optimizer step's own temporaries
+    (taken after the activations are freed), fragmentation beyond the fixed overhead, and other
+    processes on the device. Raises ValueError for a model_type transformers cannot build from config
+    alone or an unknown backend.
     """
     if micro_batch < 1 or seq_len < 1 or world_size < 1:
         raise ValueError(f"memory: micro_batch, seq_len and world_size must be >= 1, got "
@@ -647,6 +651,9 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
     if backend not in BACKENDS:
         raise ValueError(f"memory: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     lay = _layout(json.dumps(arch, sort_keys=True))
+    auto = model_cfg.dtype == "auto"
+    dtype, dtype_reason = planned_dtype(model_cfg.dtype)
+    model_cfg = dataclasses.replace(model_cfg, dtype=dtype)  # every part below counts concrete bytes
     nf4 = model_cfg.quantization == "nf4"
     tokens = micro_batch * seq_len  # B x L positions through every block
     W = world_size
@@ -745,6 +752,8 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
                             whole=whole_model, gathered=gathered, lora_adamw=lora_adamw, ddp_buckets=ddp_buckets,
                             reduce_bucket=reduce_bucket, activations=activations),
                        gathered_blocks, plain_bytes=next((e.elem_bytes for e in base if not quantized_codes(e)), 4))
+    if auto:
+        summary += f" [{dtype_reason}]"
     return {
         "weights": weights,
         "sharded_weights": sharded_weights,
@@ -760,6 +769,8 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
         "world_size": W,
         "trainable_params": trainable,
         "total_params": lay.total_params,
+        "dtype": dtype,
+        "dtype_reason": dtype_reason,
         "detail": {
             "weights_4bit": w_quant,
             "weights_unquantized": w_plain,

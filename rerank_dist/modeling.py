@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rerank_dist.config import ModelConfig
+from rerank_dist.hardware import resolve_dtype
 from rerank_dist.model_source import resolve_model_source
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,19 @@ def load_tokenizer(cfg: ModelConfig, source: Path | str | None = None) -> Any:
     return tok
 
 
-def _dtype(cfg: ModelConfig) -> torch.dtype:
-    return _DTYPES[cfg.dtype]
+def _dtype(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.dtype:
+    """cfg.dtype as a torch dtype, auto resolved for device (default: CPU; see rerank_dist.hardware)."""
+    return _DTYPES[resolve_dtype(cfg.dtype, device)[0]]
 
 
-def _quantization_config(cfg: ModelConfig, sharded: bool = False) -> Any:
+def _quantization_config(cfg: ModelConfig, sharded: bool = False,
+                         device: torch.device | str | None = None) -> Any:
     if cfg.quantization != "nf4":
         return None
     from transformers import BitsAndBytesConfig
 
     # QLoRA (Dettmers et al.): NF4 storage, double-quantized scales, matmuls in bf16 (or fp32 on CPU).
-    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    compute = torch.bfloat16 if _dtype(cfg, device) == torch.bfloat16 else torch.float32
     # Sharding backends (ZeRO-3, FSDP) cut every weight into flat pieces of one float dtype; packed
     # uint8 4-bit codes cannot be cut that way, the same bytes viewed as the compute dtype can.
     storage = {"bnb_4bit_quant_storage": compute} if sharded else {}
@@ -58,7 +61,7 @@ def _quantization_config(cfg: ModelConfig, sharded: bool = False) -> Any:
 
 def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
                     source: Path | str | None = None, sharded: bool = False) -> Any:
-    """The backbone alone (no LoRA), in cfg.dtype or NF4, on device (default: CPU).
+    """The backbone alone (no LoRA), in cfg.dtype (auto resolved for device) or NF4, on device (default: CPU).
 
     sharded: the weights are about to be sharded across processes (ZeRO-3, FSDP; see
     config.SHARDED_BACKENDS). Then no device is given: the backend decides where each shard lives
@@ -68,13 +71,15 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
     from transformers import AutoModelForCausalLM
 
     source = source if source is not None else resolve_model_source(cfg)
+    # Under zero3 / fsdp no device_map is passed, but device still names where it will compute.
+    dtype, reason = resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = dict(
-        dtype=_dtype(cfg),
+        dtype=_DTYPES[dtype],
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
     )
-    quant = _quantization_config(cfg, sharded)
+    quant = _quantization_config(cfg, sharded, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
     if device is not None and not sharded:
@@ -82,7 +87,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
         kwargs["device_map"] = {"": torch.device(device)}
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    log.info("loaded %s (%s, %s) in %.1f s", source, cfg.dtype, cfg.quantization, time.perf_counter() - t0)
+    log.info("loaded %s (%s: %s; %s) in %.1f s", source, dtype, reason, cfg.quantization, time.perf_counter() - t0)
     return model
 
 

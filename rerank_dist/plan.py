@@ -115,8 +115,11 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     """What a training run would do, read from the config, the launcher's environment and the model's
     config.json alone: no weights are loaded and nothing is written. cpu: whether the processes would
     run on CPUs (default: no GPU visible, or ACCELERATE_USE_CPU set)."""
+    import dataclasses
+
     import torch
 
+    from rerank_dist.hardware import resolve_dtype
     from rerank_dist.memory import BACKEND_NAMES, BACKENDS, GIB, estimate_training_memory, find_architecture
 
     tc, mc = cfg.train, cfg.model
@@ -143,8 +146,12 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     # Under DeepSpeed, train.mixed_precision is DeepSpeed's own 16-bit mode (accelerate runs no autocast).
     mixed = (f"DeepSpeed {tc.mixed_precision} mode" if tc.backend in {"zero2", "zero3"} and tc.mixed_precision != "no"
              else f"autocast {tc.mixed_precision}")
-    lines.append(f"precision: weights {mc.dtype}, quantization {mc.quantization}, {mixed}; "
+    # model.dtype auto as the processes would resolve it, on this machine's GPU or CPU.
+    dtype, dtype_reason = resolve_dtype(mc.dtype, "cuda" if gpu else "cpu")
+    weights = f"{dtype} ({dtype_reason})" if mc.dtype == "auto" else dtype
+    lines.append(f"precision: weights {weights}, quantization {mc.quantization}, {mixed}; "
                  f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}")
+    mc = dataclasses.replace(mc, dtype=dtype)  # the memory estimate counts the resolved dtype
     found = find_architecture(mc.name_or_path, mc.cache_dir)
     if found is None:
         lines.append(f"memory: unknown (no config.json for {mc.name_or_path} offline)")

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from rerank_dist import preemption
 from rerank_dist.config import RunConfig, labels_for
+from rerank_dist.hardware import resolve_dtype
 from rerank_dist.io import atomic_path, read_json, write_json, write_parquet
 from rerank_dist.label_scoring import label_logits, left_pad
-from rerank_dist.metrics import ranking_report, target_ranks
+from rerank_dist.metrics import metrics_from_ranks, paired_comparison, ranked_order, ranking_report, target_ranks
 from rerank_dist.paths import RunPaths
 
 
@@ -117,37 +118,183 @@ def baseline_scores(examples, seed: int) -> dict[str, np.ndarray]:
     return {"retriever_order": retriever, "random_order": random}
 
 
-def evaluate_scores(examples, scores: np.ndarray, seed: int, ks=(1, 5, 10)) -> dict:
-    """Reranker metrics next to the retriever-order and random-order baselines on the same candidates."""
+def evaluate_orders(examples, orders: dict[str, np.ndarray], seed: int, ks=(1, 5, 10)) -> dict:
+    """ranking_report of each named order (N, K scores on the displayed candidates), next to the
+    retriever-order and random-order baselines on the same candidates."""
     target_index = np.array([ex.label_index for ex in examples])
-    num_candidates = scores.shape[1]
-    report = {"reranker": ranking_report(target_ranks(scores, target_index), num_candidates, ks)}
-    for name, base in baseline_scores(examples, seed).items():
-        report[name] = ranking_report(target_ranks(base, target_index), num_candidates, ks)
+    report = {}
+    for name, scores in {**orders, **baseline_scores(examples, seed)}.items():
+        report[name] = ranking_report(target_ranks(scores, target_index), scores.shape[1], ks)
     return report
 
 
-def rankings_frame(examples, scores: np.ndarray) -> pd.DataFrame:
-    """One row per user: displayed candidates, their scores, the reranked list and the target's rank."""
-    ranks = target_ranks(scores, np.array([ex.label_index for ex in examples]))
-    ranked = np.argsort(-scores, axis=1, kind="stable")  # (N, K) best first
-    return pd.DataFrame({
+def evaluate_scores(examples, scores: np.ndarray, seed: int, ks=(1, 5, 10)) -> dict:
+    """Reranker metrics next to the retriever-order and random-order baselines on the same candidates."""
+    return evaluate_orders(examples, {"reranker": scores}, seed, ks)
+
+
+def paired_comparisons(examples, orders: dict[str, np.ndarray], seed: int, pairs: list[tuple[str, str]],
+                       resamples: int = 2000) -> dict:
+    """Paired bootstrap over users (every user, misses included) for each (a, b) pair of order names."""
+    target_index = np.array([ex.label_index for ex in examples])
+    every = {**orders, **baseline_scores(examples, seed)}
+    ranks = {name: target_ranks(scores, target_index) for name, scores in every.items()}
+    return {f"{a}_vs_{b}": paired_comparison(ranks[a], ranks[b], ("ndcg@10", "recall@5"), resamples, seed)
+            for a, b in pairs if a in ranks and b in ranks}
+
+
+def log_probs(scores: np.ndarray) -> np.ndarray:
+    """Label logits (N, K) -> log-probabilities over the K labels (N, K), float64."""
+    x = np.asarray(scores, dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Per-row standardisation (N, K) -> (N, K); a constant row becomes 0, NaN (not retrieved) the row's minimum."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.where(np.isnan(x), np.nanmin(np.where(np.isnan(x), np.inf, x), axis=1, keepdims=True), x)
+    std = x.std(axis=1, keepdims=True)
+    return np.where(std > 0, (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0), 0.0)
+
+
+def fuse(llm: np.ndarray, retriever: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - w) * z(LLM log-probs) + w * z(retriever scores), per user: w = 0 is the LLM's order, 1 the retriever's."""
+    return (1.0 - weight) * zscore(llm) + weight * zscore(retriever)
+
+
+def retriever_score_matrix(examples) -> np.ndarray:
+    """The retriever's scores of the displayed candidates (N, K)."""
+    return np.array([ex.retriever_scores for ex in examples], dtype=np.float64)
+
+
+def choose_fusion_weight(examples, llm: np.ndarray, weights: list[float], num_users: int) -> tuple[float, dict]:
+    """The weight with the best NDCG@10 on these (validation) examples; ties go to the larger weight
+    (the retriever's order is the default to beat). NDCG is over ``num_users`` (users not scored
+    here are misses under any weight). Returns (weight, {weight: ndcg@10})."""
+    target_index = np.array([ex.label_index for ex in examples])
+    retriever = retriever_score_matrix(examples)
+    grid = {}
+    for w in weights:
+        ranks = target_ranks(fuse(llm, retriever, w), target_index)
+        grid[float(w)] = metrics_from_ranks(ranks, (10,))["ndcg@10"] * len(examples) / max(num_users, 1)
+    best = max(grid, key=lambda w: (round(grid[w], 12), w))
+    return best, grid
+
+
+def to_display_order(base_examples, examples, scores: np.ndarray) -> np.ndarray:
+    """Scores (N, K) of ``examples`` (another display order of the same prompts) rearranged into
+    ``base_examples``' display order, by item id."""
+    out = np.empty_like(scores)
+    for n, (base, other) in enumerate(zip(base_examples, examples)):
+        where = {item: j for j, item in enumerate(other.candidate_ids)}
+        out[n] = scores[n, [where[item] for item in base.candidate_ids]]
+    return out
+
+
+def rankings_frame(examples, llm_logits: np.ndarray, final: np.ndarray | None = None,
+                   extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per user: displayed candidates, the LLM's label logits (``scores``), the reranked list
+    and the target's rank.
+
+    ``reranked`` and ``target_rank`` follow the final order (``final``, e.g. the fusion; default the
+    LLM's own) and break ties identically (metrics.ranked_order: the target after its ties).
+    ``final_scores`` and any ``extra`` score columns (N, K each) are added when given."""
+    final = llm_logits if final is None else final
+    target_index = np.array([ex.label_index for ex in examples])
+    ranked = ranked_order(final, target_index)  # (N, K) best first
+    frame = pd.DataFrame({
         "user": [ex.user for ex in examples],
         "prefix_len": [ex.prefix_len for ex in examples],
         "target": [ex.target for ex in examples],
         "candidates": [list(ex.candidate_ids) for ex in examples],
-        "scores": [row.tolist() for row in scores],
+        "scores": [row.tolist() for row in llm_logits],
         "reranked": [[ex.candidate_ids[j] for j in order] for ex, order in zip(examples, ranked)],
-        "target_rank": ranks,
+        "target_rank": target_ranks(final, target_index),
         "retriever_rank": [ex.retriever_positions[ex.label_index] if ex.label_index >= 0 else -1 for ex in examples],
     })
+    if final is not llm_logits:
+        frame["final_scores"] = [row.tolist() for row in final]
+    for name, values in (extra or {}).items():
+        frame[name] = [row.tolist() for row in values]
+    return frame
+
+
+def _llm_scores(accelerator, model, cfg: RunConfig, split: str, candidates: pd.DataFrame, dataset, tokenizer,
+                labels: list[str], label_ids: torch.Tensor, adapter_dir: Path, saved_name: str) -> dict:
+    """The LLM's label scores for every prompt of ``candidates`` under score.permutations display
+    orders, resumable per order (scores/<saved_name>[-pP]/). Returns examples (the first order's),
+    stats, single (N, K: the first order's label logits), averaged (N, K: mean log-probability over the orders, in the first
+    order's layout), seconds (forward passes per order), resumed (prompts saved by an earlier run)."""
+    from rerank_dist.examples import build_examples, tokenize_examples
+
+    paths = RunPaths(Path(cfg.run_dir))
+    first, per_order, seconds, resumed = None, [], [], 0
+    stats: dict = {}
+    for p in range(cfg.score.permutations):
+        examples, st = build_examples(candidates, dataset, cfg.prompt, labels, tokenizer, split, dataset.num_items,
+                                      permutation=p)
+        token_lists = tokenize_examples(examples, tokenizer)
+        saved = SavedScores(paths.scores(saved_name if p == 0 else f"{saved_name}-p{p}"), len(token_lists),
+                            len(label_ids))
+        if accelerator.is_main_process:
+            saved.start(_progress_key(cfg, adapter_dir, split, token_lists, label_ids, accelerator.device),
+                        accelerator.print)
+        accelerator.wait_for_everyone()
+        saved.load()
+        if saved.count and accelerator.is_main_process:  # one line for the job, not one per node
+            print(f"[score] {saved_name} (order {p + 1}/{cfg.score.permutations}): resuming, {saved.count} of "
+                  f"{len(token_lists)} prompts already scored", flush=True)
+        started = time.time()
+        with accelerator.autocast():  # train.mixed_precision, as validation during training saw the model
+            logits = score_resumable(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id,
+                                     cfg.score.batch_size, saved, cfg.train.save_every_minutes * 60)
+        seconds.append(time.time() - started)
+        resumed += saved.count
+        if p == 0:
+            first, stats, single = examples, st, logits
+            per_order.append(log_probs(logits))
+        else:
+            per_order.append(to_display_order(first, examples, log_probs(logits)))
+    return {"examples": first, "stats": stats, "single": single, "averaged": np.mean(per_order, axis=0),
+            "seconds": seconds, "resumed": resumed,
+            "saved_dirs": [paths.scores(saved_name if p == 0 else f"{saved_name}-p{p}")
+                           for p in range(cfg.score.permutations)]}
+
+
+def _fusion_weight(accelerator, model, cfg: RunConfig, dataset, tokenizer, labels, label_ids, adapter_dir) -> dict:
+    """score.fusion: the retriever weight chosen on validation users (never test), with its grid and cost.
+
+    Only validation users whose target was retrieved are scored: every other user is a miss under
+    any weight, so they change no comparison (NDCG is still reported over all validation users)."""
+    paths = RunPaths(Path(cfg.run_dir))
+    frame = pd.read_parquet(paths.candidates("val"))
+    informative = frame[frame["target_rank"] >= 0] if "target_rank" in frame else frame
+    if cfg.score.fusion_val_users:
+        informative = informative.head(cfg.score.fusion_val_users)
+    got = _llm_scores(accelerator, model, cfg, "val", informative, dataset, tokenizer, labels, label_ids,
+                      adapter_dir, "val-fusion")
+    weight, grid = choose_fusion_weight(got["examples"], got["averaged"], cfg.score.fusion_weights, len(frame))
+    if accelerator.is_main_process:
+        accelerator.print(f"[score] fusion weight on the retriever: {weight} (best validation NDCG@10 "
+                          f"{grid[weight]:.4f}; LLM alone {grid.get(0.0, float('nan')):.4f}, retriever alone "
+                          f"{grid.get(1.0, float('nan')):.4f}; {len(informative)} of {len(frame)} validation users scored)")
+    return {"weight": weight, "chosen_on": "val", "objective": "ndcg@10",
+            "val_users": int(len(frame)), "val_users_scored": int(len(informative)),
+            "grid": {str(w): round(v, 6) for w, v in grid.items()},
+            "normalisation": "z-score per user of the LLM's label log-probabilities and of the retriever's scores",
+            "seconds": round(sum(got["seconds"]), 1), "saved_dirs": got["saved_dirs"]}
 
 
 def score_split(cfg: RunConfig, split: str) -> dict:
-    """Reload the best adapter from disk, score every user of ``split``, write rankings and metrics."""
+    """Reload the best adapter from disk, score every user of ``split``, write rankings and metrics.
+
+    The LLM's order is always reported; with score.permutations > 1 also its average over display
+    orders, and with score.fusion the fusion with the retriever's scores (weight chosen on
+    validation), which is then the final order written to the rankings.
+    """
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.distributed import build_accelerator, describe, peak_memory_gib
-    from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_for_scoring, load_tokenizer
 
     paths = RunPaths(Path(cfg.run_dir))
@@ -167,40 +314,58 @@ def score_split(cfg: RunConfig, split: str) -> dict:
     candidates = pd.read_parquet(paths.candidates(split))
     if cfg.score.max_users:
         candidates = candidates.head(cfg.score.max_users)
-    examples, stats = build_examples(candidates, dataset, cfg.prompt, labels, tokenizer, split, dataset.num_items)
-    token_lists = tokenize_examples(examples, tokenizer)
     label_ids = torch.tensor(verbalizer["label_ids"], dtype=torch.long)
     model = load_for_scoring(cfg.model, adapter_dir, device=accelerator.device)
+    dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_for_scoring resolved it
+    accelerator.print(f"model dtype: {dtype} ({dtype_reason})")
 
-    saved = SavedScores(paths.scores(split), len(token_lists), len(label_ids))
-    if accelerator.is_main_process:
-        saved.start(_progress_key(cfg, adapter_dir, split, token_lists, label_ids), accelerator.print)
-    accelerator.wait_for_everyone()
-    saved.load()
-    if saved.count and accelerator.is_main_process:  # one line for the job, not one per node
-        print(f"[score] {split}: resuming, {saved.count} of {len(token_lists)} prompts already scored", flush=True)
-    scoring_started = time.time()
-    with accelerator.autocast():  # train.mixed_precision, as validation during training saw the model
-        scores = score_resumable(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id,
-                                 cfg.score.batch_size, saved, cfg.train.save_every_minutes * 60)
-    scoring_seconds = time.time() - scoring_started
+    fusion = (_fusion_weight(accelerator, model, cfg, dataset, tokenizer, labels, label_ids, adapter_dir)
+              if cfg.score.fusion else None)
+    got = _llm_scores(accelerator, model, cfg, split, candidates, dataset, tokenizer, labels, label_ids,
+                      adapter_dir, split)
+    examples, scoring_seconds = got["examples"], sum(got["seconds"])
+    orders = {"reranker": got["single"]}
+    final = "reranker"
+    llm = got["single"]
+    if cfg.score.permutations > 1:
+        orders["permuted"] = llm = got["averaged"]
+        final = "permuted"
+    if fusion is not None:
+        orders["fused"] = fuse(llm, retriever_score_matrix(examples), fusion["weight"])
+        final = "fused"
     result = {}
     if accelerator.is_main_process:
-        result = evaluate_scores(examples, scores, seed=cfg.prompt.seed)
+        result = evaluate_orders(examples, orders, seed=cfg.prompt.seed)
+        result["final_order"] = final
+        result["protocol"] = {"train_order": cfg.prompt.train_order, "eval_order": cfg.prompt.eval_order,
+                              "negatives": cfg.prompt.negatives, "permutations": cfg.score.permutations}
+        pairs = [(final, "retriever_order"), ("reranker", "random_order"), ("reranker", "retriever_order")]
+        if final != "reranker":
+            pairs.append((final, "reranker"))
+        result["paired"] = paired_comparisons(examples, orders, cfg.prompt.seed, list(dict.fromkeys(pairs)))
+        if fusion is not None:
+            result["fusion"] = {k: v for k, v in fusion.items() if k != "saved_dirs"}
         result["split"] = split
         result["adapter"] = str(adapter_dir)
         result["adapter_step"] = verbalizer.get("step")
         result["world_size"] = accelerator.num_processes
+        result["dtype"] = dtype  # model.dtype as resolved on this machine (auto: see rerank_dist.hardware)
         result["scored_all_users"] = not cfg.score.max_users
-        result["prompt_stats"] = stats
+        result["prompt_stats"] = got["stats"]
         result["seconds"] = round(time.time() - started, 1)  # with loading the model and building prompts
         result["scoring_seconds"] = round(scoring_seconds, 2)  # the forward passes and the gather alone
-        result["resumed_prompts"] = saved.count  # scored by an earlier, preempted run of this stage
-        result["prompts_per_second"] = round((len(examples) - saved.count) / max(scoring_seconds, 1e-9), 3)
+        result["permutation_cost"] = {"permutations": cfg.score.permutations,
+                                      "seconds_per_order": [round(x, 1) for x in got["seconds"]],
+                                      "cost_vs_one_order": round(scoring_seconds / max(got["seconds"][0], 1e-9), 2)}
+        result["resumed_prompts"] = got["resumed"]  # scored by an earlier, preempted run of this stage
+        total = len(examples) * cfg.score.permutations
+        result["prompts_per_second"] = round((total - got["resumed"]) / max(scoring_seconds, 1e-9), 3)
         result["peak_memory_gib"] = peak_memory_gib(accelerator.device)
-        write_parquet(paths.rankings(split), rankings_frame(examples, scores))
+        extra = {"permuted_scores": orders["permuted"]} if "permuted" in orders else None
+        write_parquet(paths.rankings(split), rankings_frame(examples, got["single"], orders[final], extra))
         write_json(paths.metrics(split), result)
-        saved.remove()  # the rankings hold every score now
+        for directory in got["saved_dirs"] + (fusion["saved_dirs"] if fusion else []):
+            shutil.rmtree(directory, ignore_errors=True)  # the rankings and metrics hold every score now
     accelerator.wait_for_everyone()
     return result
 
@@ -250,16 +415,16 @@ class SavedScores:
             np.savez(f, index=np.array([i for i, _ in rows], dtype=np.int64),
                      scores=np.array([row for _, row in rows], dtype=np.float32))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 def _progress_key(cfg: RunConfig, adapter_dir: Path, split: str, token_lists: list[list[int]],
-                  label_ids: torch.Tensor) -> str:
+                  label_ids: torch.Tensor, device: torch.device | str) -> str:
     """What saved scores were made from: the adapter's bytes, every prompt's tokens, the label ids, the
     batching and the numerics. Scores saved under another key are never mixed in."""
     digest = hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes())
     model = {k: v for k, v in cfg.model.__dict__.items() if k not in ("cache_dir", "gguf_fallback")}
+    # The resolved dtype, not "auto": a rerun on a machine that resolves auto otherwise (a CPU
+    # without native bf16) must not mix its scores with the saved ones.
+    model["dtype"] = resolve_dtype(cfg.model.dtype, device)[0]
     digest.update(json.dumps({"split": split, "labels": label_ids.tolist(), "batch_size": cfg.score.batch_size,
                               "model": model, "mixed_precision": cfg.train.mixed_precision},
                              sort_keys=True, default=str).encode())

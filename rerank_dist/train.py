@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rerank_dist import preemption
 from rerank_dist.checkpoint import TrainerState, latest_step_dir, prune_step_dirs, publish_best, reconcile_run
@@ -35,6 +35,7 @@ from rerank_dist.config import RunConfig, labels_for, save_config
 from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe, keep_adapter_only,
                                      load_checkpoint, peak_memory_gib, release_backend, save_checkpoint,
                                      shards_weights, weights_held)
+from rerank_dist.hardware import resolve_dtype
 from rerank_dist.io import append_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad
 from rerank_dist.paths import RunPaths
@@ -69,6 +70,8 @@ def train(cfg: RunConfig) -> dict:
     data = _load_data(cfg, paths, tokenizer, say)
     # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
     model = load_model(cfg.model, training=True, device=accelerator.device, sharded=shards_weights(cfg))
+    dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_model resolved it
+    say(f"model dtype: {dtype} ({dtype_reason})")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     # A generator of its own: a DataLoader without one draws its worker seed from the global RNG each
@@ -81,7 +84,9 @@ def train(cfg: RunConfig) -> dict:
     total_steps = _total_steps(cfg, len(loader), plan.accumulation)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per
     # process), and checkpointed as JSON in trainer_state.json.
-    scheduler = get_linear_schedule_with_warmup(optimizer, _warmup(tc.warmup_steps, total_steps, say), total_steps)
+    warmup = _warmup(tc.warmup_steps, total_steps, say)
+    scheduler = (get_linear_schedule_with_warmup(optimizer, warmup, total_steps) if tc.lr_schedule == "linear"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
 
     state = TrainerState(total_steps=total_steps, world_size=plan.world_size, accumulation=plan.accumulation,
                          backend=tc.backend)
@@ -206,9 +211,16 @@ def _load_data(cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> Training
     train_examples, stats = build_examples(pd.read_parquet(paths.candidates("train")), dataset, cfg.prompt,
                                            labels, tokenizer, "train", dataset.num_items)
     val_candidates = pd.read_parquet(paths.candidates("val"))
+    # Validation users whose target was retrieved: a user whose target is missing scores 0 under
+    # every order, so including them only dilutes the comparison (64 users would hold ~13 useful ones).
+    informative = val_candidates[val_candidates["target_rank"] >= 0] if "target_rank" in val_candidates else val_candidates
+    if len(informative) == 0:
+        informative = val_candidates.head(1)  # no validation target was retrieved: nothing to select on
     if cfg.train.eval_users:
-        val_candidates = val_candidates.head(cfg.train.eval_users)
-    val_examples, _ = build_examples(val_candidates, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
+        informative = informative.head(cfg.train.eval_users)
+    say(f"validation: {len(informative)} of {len(val_candidates)} users, those whose target the retriever found "
+        f"(the others score 0 under any order)")
+    val_examples, _ = build_examples(informative, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
     # The label ids are resolved in context from real prompts and must agree across them: the id the
     # loss trains is then the id the scorer reads.
     probes = [train_examples[0].prompt, train_examples[-1].prompt, val_examples[0].prompt, val_examples[-1].prompt]
@@ -340,11 +352,16 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
     records = [r for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
     losses = [r["loss"] for r in records]
     num_labels = len(data.verbalizer["labels"])
+    dtype, dtype_reason = resolve_dtype(cfg.model.dtype, device)  # model.dtype as this run loaded it
     return {"steps": state.step, "total_steps": state.total_steps, "examples": len(data.rows),
             "loss_first_steps": _mean(losses[:5]), "loss_last_steps": _mean(losses[-5:]),
             "chance_loss": math.log(num_labels), "best_val_ndcg@10": state.best_ndcg, "best_step": state.best_step,
-            "val_users": len(data.val_examples), "world_size": state.world_size, "backend": state.backend,
+            "val_users": len(data.val_examples), "val_users_selection": "target retrieved",
+            "examples_seen": state.step * cfg.train.batch_size,
+            "train_order": cfg.prompt.train_order, "eval_order": cfg.prompt.eval_order,
+            "world_size": state.world_size, "backend": state.backend,
             "accumulation": state.accumulation, "mixed_precision": cfg.train.mixed_precision,
+            "dtype": dtype, "dtype_reason": dtype_reason,
             "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),

@@ -52,10 +52,10 @@ def test_every_field_documented():
 
 
 def test_bool_strings_are_not_all_true():
-    assert load_config(overrides=["prompt.shuffle_candidates=false"]).prompt.shuffle_candidates is False
-    assert load_config(overrides=["prompt.shuffle_candidates=False"]).prompt.shuffle_candidates is False
-    with pytest.raises(ConfigError, match="prompt.shuffle_candidates: expected true/false"):
-        load_config(overrides=["prompt.shuffle_candidates=maybe"])
+    assert load_config(overrides=["score.fusion=false"]).score.fusion is False
+    assert load_config(overrides=["score.fusion=False"]).score.fusion is False
+    with pytest.raises(ConfigError, match="score.fusion: expected true/false"):
+        load_config(overrides=["score.fusion=maybe"])
 
 
 def test_validation_reports_every_problem_at_once(tmp_path, monkeypatch):
@@ -100,9 +100,9 @@ def test_yes_no_on_off_stay_strings_where_a_string_is_expected(tmp_path):
     # YAML 1.1 (PyYAML's default) reads `no` as False; train.mixed_precision=no must stay "no".
     assert load_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  mixed_precision: no\nprompt:\n  shuffle_candidates: off\n")
+    path.write_text("train:\n  mixed_precision: no\nscore:\n  fusion: off\n")
     cfg = load_config(path)
-    assert cfg.train.mixed_precision == "no" and cfg.prompt.shuffle_candidates is False  # bools still read
+    assert cfg.train.mixed_precision == "no" and cfg.score.fusion is False  # bools still read
 
 
 # ---------------------------------------------------------------- extends

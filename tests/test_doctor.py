@@ -282,6 +282,36 @@ def test_answer_balance_fails_when_most_training_answers_are_a(clean, planted):
     assert changed(clean[2], statuses(run)) == {"answer_balance": Status.FAIL}
 
 
+def test_answers_mostly_a_are_expected_when_training_showed_the_retriever_order(clean, planted):
+    """The same answers as above, from a run trained on the retriever's order (prompt.train_order=retriever):
+    the letter is then the retriever's rank of the target, so 'A' most often is what that protocol gives."""
+    run, overrides = planted
+    plant_answers_mostly_a(run, overrides)
+    path = RunPaths(run).ranker / "train_summary.json"
+    summary = read_json(path)
+    summary["train_prompt_stats"].update(order="retriever", shuffled=False)
+    write_json(path, summary)
+    report, ev = diagnose(run, DoctorOptions())
+    assert ev.protocol.train_order == "retriever" and "train_summary.json" in ev.protocol.source
+    assert changed(clean[2], {r.id: r.status for r in report.results}) == {}
+    assert "expected with train_order=retriever" in report.by_id()["answer_balance"].value
+
+
+def test_the_final_order_and_the_protocol_are_read_from_the_run(clean):
+    run, _, _ = clean
+    paths = RunPaths(run)
+    metrics = read_json(paths.metrics("test"))
+    frame = pd.read_parquet(paths.rankings("test"))
+    _, ev = diagnose(run, DoctorOptions(model=False))
+    assert ev.rankings.final_order == metrics.get("final_order", "reranker")
+    if ev.rankings.final_order != "reranker":  # judged against the retriever: the ranks the rankings file shows
+        assert ev.rankings.final_rank.tolist() == frame["target_rank"].tolist()
+    assert ev.protocol is not None and ev.protocol.eval_order in ("shuffled", "retriever")
+    for key in ("train_order", "eval_order"):
+        if key in metrics.get("protocol", {}):
+            assert getattr(ev.protocol, key) == metrics["protocol"][key]
+
+
 def test_negatives_match_fails_when_training_negatives_are_random(clean, planted):
     run, overrides = planted
     plant_random_negatives(run, overrides)

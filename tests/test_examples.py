@@ -62,8 +62,8 @@ def small(data):
 CFG = PromptConfig(history_items=5, max_train_examples=0)
 
 
-def build(frame, dataset, tok, split="train", **changes):
-    return build_examples(frame, dataset, replace(CFG, **changes), LABELS, tok, split, NUM_ITEMS)
+def build(frame, dataset, tok, split="train", permutation=0, **changes):
+    return build_examples(frame, dataset, replace(CFG, **changes), LABELS, tok, split, NUM_ITEMS, permutation)
 
 
 def test_labels_balanced_when_shuffled(data, bpe):
@@ -94,17 +94,47 @@ def test_shuffle_is_deterministic_and_keeps_the_candidate_set(data, bpe):
         assert sorted(p for p in e.retriever_positions if p >= 0) == sorted(set(e.retriever_positions) - {-1})
 
 
-def test_unshuffled_answers_sit_where_the_retriever_put_them(small, bpe):
+def test_retriever_order_answers_sit_where_the_retriever_put_them(small, bpe):
     dataset, frame = small
-    examples, stats = build(frame, dataset, bpe, shuffle_candidates=False)
+    examples, stats = build(frame, dataset, bpe, train_order="retriever")
+    found = {int(r) for r in frame.target_rank if r >= 0}
+    inserted = 0
     for e, row in zip(examples, frame.itertuples()):
         if row.target_rank >= 0:
             assert e.candidate_ids == row.candidates and e.label_index == row.target_rank
             assert e.retriever_positions == list(range(K))
-        else:  # inserted in place of the lowest-ranked candidate
-            assert e.candidate_ids == row.candidates[:-1] + [row.target] and e.label_index == K - 1
-            assert e.retriever_positions == list(range(K - 1)) + [-1]
-    assert stats["shuffled"] is False
+            assert e.retriever_scores == list(row.retriever_scores)
+        else:  # replaces the lowest-ranked candidate, shown at a slot where the retriever puts targets it finds
+            inserted += 1
+            assert [c for c in e.candidate_ids if c != row.target] == list(row.candidates[:-1])
+            assert e.label_index in found and e.retriever_positions[e.label_index] == -1
+            assert np.isnan(e.retriever_scores[e.label_index])
+    assert inserted > 0 and len({e.label_index for e, r in zip(examples, frame.itertuples()) if r.target_rank < 0}) > 1
+    assert stats["shuffled"] is False and stats["order"] == "retriever"
+
+
+def test_eval_order_is_its_own_choice(small, bpe):
+    dataset, frame = small
+    kept, stats = build(frame, dataset, bpe, split="test", eval_order="retriever", train_order="shuffled")
+    assert stats["order"] == "retriever"
+    assert all(e.candidate_ids == list(row.candidates) for e, row in zip(kept, frame.itertuples()))
+    mixed, stats = build(frame, dataset, bpe, split="test", eval_order="shuffled", train_order="retriever")
+    assert stats["order"] == "shuffled"
+    assert sum(e.candidate_ids != list(row.candidates) for e, row in zip(mixed, frame.itertuples())) == len(frame)
+
+
+def test_permutations_reorder_the_same_candidates(small, bpe):
+    dataset, frame = small
+    base, _ = build(frame, dataset, bpe, split="test")
+    other, _ = build(frame, dataset, bpe, split="test", permutation=1)
+    again, _ = build(frame, dataset, bpe, split="test", permutation=1)
+    assert [e.candidate_ids for e in other] == [e.candidate_ids for e in again]  # seeded
+    for a, b in zip(base, other):
+        assert sorted(a.candidate_ids) == sorted(b.candidate_ids) and a.candidate_ids != b.candidate_ids
+        assert dict(zip(a.candidate_ids, a.retriever_scores)) == dict(zip(b.candidate_ids, b.retriever_scores))
+        assert (a.label_index < 0) == (b.label_index < 0)
+    with pytest.raises(ExamplesError, match="permutation"):
+        build(frame, dataset, bpe, permutation=1)
 
 
 def test_insertion_rate_reported(small, bpe):
@@ -146,7 +176,9 @@ def test_deterministic_and_capped(data, bpe):
     dataset, frame = data
     a, stats = build(frame, dataset, bpe, negatives="mixed", max_train_examples=25)
     b, _ = build(frame, dataset, bpe, negatives="mixed", max_train_examples=25)
-    assert len(a) == 25 == stats["examples"] and a == b
+    assert len(a) == 25 == stats["examples"]
+    same = [(e.user, e.prompt, e.candidate_ids, e.label_index, e.retriever_positions) for e in a]
+    assert same == [(e.user, e.prompt, e.candidate_ids, e.label_index, e.retriever_positions) for e in b]
     assert [e.user for e in a] == sorted(e.user for e in a)
 
 
@@ -191,6 +223,6 @@ def test_tokenize_examples_matches_the_verbalizer(tmp_path, small):
 def test_stats_expose_position_imbalance(small, bpe):
     dataset, frame = small
     # LlamaRec-style random negatives without shuffling: the target is always "A".
-    _, stats = build(frame, dataset, bpe, negatives="random", shuffle_candidates=False)
+    _, stats = build(frame, dataset, bpe, negatives="random", train_order="retriever")
     assert stats["label_counts"]["A"] == len(frame) and stats["label_balance_ratio"] is None
     assert stats["target_insertion_rate"] is None

@@ -85,6 +85,51 @@ def test_scoring_uses_the_adapter_on_disk(trained_run, tmp_path):
     assert diff > 1e-4
 
 
+def test_final_order_fusion_and_protocol_are_recorded(trained_run):
+    run_dir, _ = trained_run
+    paths = RunPaths(run_dir)
+    metrics = read_json(paths.metrics("test"))
+    assert metrics["final_order"] == "fused" and {"reranker", "fused"} <= set(metrics)
+    assert metrics["protocol"] == {"train_order": "shuffled", "eval_order": "retriever", "negatives": "retriever",
+                                   "permutations": 1}
+    fusion = metrics["fusion"]
+    assert fusion["chosen_on"] == "val" and str(fusion["weight"]) in fusion["grid"]
+    val = pd.read_parquet(paths.candidates("val"))
+    assert fusion["val_users_scored"] == int((val["target_rank"] >= 0).sum()) and fusion["val_users"] == 610
+    for pair in ("fused_vs_retriever_order", "reranker_vs_random_order"):
+        ci = metrics["paired"][pair]["ndcg@10"]
+        assert ci["low"] <= ci["diff"] <= ci["high"]
+    # The rankings follow the final order, ties as the metrics break them; scores stay the LLM's own.
+    rankings = pd.read_parquet(paths.rankings("test"))
+    final = np.stack(rankings["final_scores"])
+    for row in rankings.itertuples():
+        if row.target_rank >= 0:
+            assert list(row.reranked).index(row.target) == row.target_rank
+    assert metrics["fused"]["all_users"]["recall@5"] == pytest.approx(float((rankings["target_rank"].between(0, 4)).mean()))
+    assert final.shape == np.stack(rankings["scores"]).shape == (610, 20)
+    assert not list((run_dir / "scores").glob("*/part-*"))  # resumable parts removed once the rankings hold them
+
+
+def test_permutation_averaging_scores_each_prompt_under_every_order(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "score.max_users=24", "score.permutations=3",
+                                 "score.fusion=false"])
+    pipeline.score(cfg)
+    metrics = read_json(RunPaths(copy).metrics("test"))
+    assert metrics["final_order"] == "permuted" and metrics["protocol"]["permutations"] == 3
+    cost = metrics["permutation_cost"]
+    assert cost["permutations"] == 3 and len(cost["seconds_per_order"]) == 3 and cost["cost_vs_one_order"] > 1
+    rankings = pd.read_parquet(RunPaths(copy).rankings("test"))
+    averaged, single = np.stack(rankings["permuted_scores"]), np.stack(rankings["scores"])
+    assert averaged.shape == single.shape == (24, 20)
+    # A mean of log-probabilities: every value < 0 and (Jensen) the exponentials sum to at most 1.
+    assert (averaged < 0).all() and (np.exp(averaged).sum(axis=1) <= 1 + 1e-6).all()
+    assert not np.allclose(averaged - averaged.max(axis=1, keepdims=True),
+                           single - single.max(axis=1, keepdims=True))  # other orders changed the scores
+
+
 def test_resume_continues_the_step_count(trained_run, tmp_path):
     run_dir, overrides = trained_run
     copy = tmp_path / "run"
@@ -147,13 +192,13 @@ def test_stages_are_skipped_when_up_to_date(trained_run, capsys):
 
 def test_a_stage_on_an_existing_run_uses_the_runs_own_settings(trained_run, tmp_path, capsys):
     """`rerank-dist score run_dir=R` alone: R's recorded config.yaml (a tiny float32 model), not the
-    defaults (SmolLM2 in bfloat16), so the scores are exactly the run's own."""
+    defaults (SmolLM2 in dtype auto), so the scores are exactly the run's own."""
     run_dir, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     RunPaths(copy).rankings("test").unlink()
     recorded = yaml.safe_load((copy / "config.yaml").read_text())["model"]
-    assert (recorded["dtype"], load_config().model.dtype) == ("float32", "bfloat16")  # the defaults would differ
+    assert (recorded["dtype"], load_config().model.dtype) == ("float32", "auto")  # the defaults would differ
     assert recorded["name_or_path"] != load_config().model.name_or_path
     assert main(["score", f"run_dir={copy}"]) == 0
     assert f"settings: {copy / 'config.yaml'}" in capsys.readouterr().out

@@ -98,3 +98,60 @@ def test_prompts_lost_while_gathering_are_reported_as_lost(monkeypatch, dropped)
         assert str(err.value) == "scoring lost 1 of 5 prompts while gathering shards"
     # Precondition: the multi-process path ran, and this process scored only part of the prompts.
     assert len(gathered) == 1 and 0 < len(gathered[0]) < len(prompts) - dropped
+
+
+# ---------------------------------------------------------------- fusion and permutation averaging
+
+
+def _examples(llm_best: np.ndarray, k: int = 6, seed: int = 0):
+    """Examples whose retriever ranks every candidate in display order (scores k..1) and whose target
+    sits at a seeded slot; llm_best[u] says whether user u's LLM scores put the target first."""
+    rng = np.random.default_rng(seed)
+    examples, llm = [], []
+    for u, good in enumerate(llm_best):
+        target = int(rng.integers(1, k))  # never the retriever's first: the retriever alone is imperfect
+        examples.append(SimpleNamespace(label_index=target, candidate_ids=list(range(10 * u, 10 * u + k)),
+                                        retriever_scores=[float(k - j) for j in range(k)],
+                                        retriever_positions=list(range(k))))
+        row = rng.normal(size=k)
+        row[target] = row.max() + 1.0 if good else row.min() - 1.0
+        llm.append(row)
+    return examples, np.array(llm)  # (U, K)
+
+
+def test_fusion_endpoints_are_the_two_orders():
+    examples, llm = _examples(np.ones(30, dtype=bool))
+    retriever = S.retriever_score_matrix(examples)
+    t = np.array([e.label_index for e in examples])
+    assert np.array_equal(S.target_ranks(S.fuse(llm, retriever, 0.0), t), S.target_ranks(llm, t))
+    assert np.array_equal(S.target_ranks(S.fuse(llm, retriever, 1.0), t), S.target_ranks(retriever, t))
+    assert not np.array_equal(S.target_ranks(llm, t), S.target_ranks(retriever, t))  # the endpoints differ
+
+
+def test_fusion_weight_follows_the_validation_evidence():
+    weights = [0.0, 0.5, 1.0]
+    good, _ = _examples(np.ones(30, dtype=bool))
+    w, grid = S.choose_fusion_weight(good, _examples(np.ones(30, dtype=bool))[1], weights, num_users=30)
+    assert w == 0.0 and grid[0.0] == pytest.approx(1.0)  # a perfect LLM: NDCG@10 = 1 with no retriever weight
+    bad, llm_bad = _examples(np.zeros(30, dtype=bool))
+    w, grid = S.choose_fusion_weight(bad, llm_bad, weights, num_users=30)
+    assert w == 1.0 and grid[1.0] > grid[0.0]  # an LLM that buries the target: the retriever's order wins
+    # Users not scored count as misses: NDCG over 60 users is half of that over the 30 scored ones.
+    _, half = S.choose_fusion_weight(bad, llm_bad, weights, num_users=60)
+    assert half[1.0] == pytest.approx(grid[1.0] / 2)
+
+
+def test_zscore_and_log_probs():
+    x = np.array([[1.0, 1.0, 1.0], [0.0, 2.0, np.nan]])
+    z = S.zscore(x)
+    assert np.array_equal(z[0], [0.0, 0.0, 0.0])  # a constant row carries no order
+    assert z[1, 2] == z[1, 0] < z[1, 1]  # not retrieved = the row's lowest
+    lp = S.log_probs(np.array([[3.0, 1.0, -2.0]]))
+    assert np.exp(lp).sum() == pytest.approx(1.0) and np.argmax(lp) == 0
+
+
+def test_scores_return_to_the_first_display_order():
+    base = [SimpleNamespace(candidate_ids=[5, 6, 7, 8])]
+    other = [SimpleNamespace(candidate_ids=[7, 5, 8, 6])]
+    scores = np.array([[70.0, 50.0, 80.0, 60.0]])  # item 7 -> 70, ...
+    assert S.to_display_order(base, other, scores).tolist() == [[50.0, 60.0, 70.0, 80.0]]

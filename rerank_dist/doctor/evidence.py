@@ -82,6 +82,21 @@ class Rankings:
     labels: list[str] | None = None       # the letter of each displayed position, if known
     candidate_items: list[list] | None = None  # displayed candidate ids (for popularity)
     targets: list | None = None
+    # The order the run reports as its result when that is not the LLM's own (rerank_dist: metrics'
+    # final_order, e.g. "fused" with the retriever's scores); reranker_rank stays the LLM's own order.
+    final_order: str = "reranker"
+    final_rank: np.ndarray | None = None  # (U,) target ranks under final_order (None: not recorded)
+
+
+@dataclass
+class Protocol:
+    """The order candidates were shown in. "retriever" puts the retriever's best first, so a letter's
+    position carries the retriever's rank: answers (training) and first choices (evaluation) then lean
+    toward the first letters by design; "shuffled" leaves the titles as the only signal."""
+
+    train_order: str | None = None        # shuffled | retriever (None: unknown)
+    eval_order: str | None = None
+    source: str = ""                      # where each was read, e.g. "train_summary.json, metrics_test.json"
 
 
 @dataclass
@@ -140,6 +155,7 @@ class Evidence:
     metrics: list[ReportedMetric] | None = None
     training: TrainingSide | None = None
     rankings: Rankings | None = None
+    protocol: Protocol | None = None
     popularity: dict | None = None            # item -> interactions (or exposures), the reference
     popularity_source: str = ""
     verbalizer: VerbalizerFacts | None = None

@@ -95,6 +95,7 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
     with the base model's (adapter switched off)."""
     import torch
 
+    from rerank_dist.hardware import resolve_dtype
     from rerank_dist.label_scoring import label_logits, left_pad
     from rerank_dist.modeling import load_for_scoring
 
@@ -123,7 +124,8 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
                     continue
                 diffs.append(float(np.abs(adapted[row] - scores).max()))
                 same_top.append(int(np.argmax(adapted[row])) == int(np.argmax(scores)))
-    dtype = cfg.model.dtype if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+    # model.dtype as load_for_scoring resolved it on dev (auto: bfloat16 or float32, see rerank_dist.hardware).
+    dtype = resolve_dtype(cfg.model.dtype, dev)[0] if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
     tol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     return ModelProbe(prompts=sum(map(len, picked)), batches=len(picked),
                       max_abs_diff=max(diffs, default=float("inf")),

@@ -8,6 +8,10 @@ from typing import Sequence
 
 import numpy as np
 
+# The paired bootstrap and per-user metrics live with the metrics (the report uses them too); the checks
+# call them through this module, so stats.paired_bootstrap is metrics.paired_bootstrap.
+from rerank_dist.metrics import paired_bootstrap, per_user  # noqa: F401  (re-exported)
+
 
 # ---------------------------------------------------------------- curves
 
@@ -108,10 +112,7 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
 
 def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
     """Per-user NDCG@k from 0-based target ranks (-1 = target not among the candidates): (U,)."""
-    ranks = np.asarray(ranks)
-    hit = (ranks >= 0) & (ranks < k)
-    safe = np.where(hit, ranks, 0).astype(np.float64)
-    return np.where(hit, 1.0 / np.log2(safe + 2.0), 0.0)
+    return per_user(ranks, f"ndcg@{k}")
 
 
 def expected_random_ndcg(present: np.ndarray, num_candidates: np.ndarray, k: int) -> np.ndarray:
@@ -125,19 +126,3 @@ def expected_random_ndcg(present: np.ndarray, num_candidates: np.ndarray, k: int
     cumulative = np.concatenate([[0.0], np.cumsum(gains)])
     top = np.minimum(num_candidates, k)
     return np.where(present, cumulative[top] / np.maximum(num_candidates, 1), 0.0)
-
-
-def paired_bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-user differences and its 95% interval, resampling users with replacement."""
-    diff = np.asarray(diff, dtype=np.float64)
-    if len(diff) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // len(diff))  # bounded memory: (chunk, U) indices at a time
-    for start in range(0, resamples, chunk):
-        n = min(chunk, resamples - start)
-        idx = rng.integers(0, len(diff), size=(n, len(diff)))  # (n, U)
-        means[start:start + n] = diff[idx].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)

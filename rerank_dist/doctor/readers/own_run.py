@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from rerank_dist.config import RunConfig, labels_for
-from rerank_dist.doctor.evidence import (CapacityFacts, Curve, Evidence, Rankings, TrainingSide, VerbalizerFacts,
-                                         WeightsLineage)
+from rerank_dist.doctor.evidence import (CapacityFacts, Curve, Evidence, Protocol, Rankings, TrainingSide,
+                                         VerbalizerFacts, WeightsLineage)
 from rerank_dist.doctor.readers.common import adapter_weights, metrics_in, parameter_count, parameters_from_name, \
     sha256_file
 from rerank_dist.io import read_json
@@ -85,11 +85,13 @@ def read_own_run(root: Path, options: OwnRunOptions, say: Callable[[str], None] 
     labels = list(saved_verbalizer["labels"]) if saved_verbalizer else (labels_for(cfg) if cfg else None)
     if metrics is not None:
         flagged = set(metrics.get("reranker", {}).get("ranking_blind", []))
-        orders = {k: metrics[k] for k in ("reranker", "retriever_order", "random_order") if k in metrics}
+        orders = {k: metrics[k] for k in ("reranker", "permuted", "fused", "retriever_order", "random_order")
+                  if k in metrics}
         ev.metrics = metrics_in(orders, str(metrics_path), flagged)
     else:
         ev.missing["metrics"] = f"{metrics_path.name} (run the score stage)"
-    recorded = _rankings(ev, paths, options.split, labels)
+    recorded = _rankings(ev, paths, options.split, labels, metrics)
+    _protocol(ev, root, summary, metrics, cfg, metrics_path.name)
     _split_counts(ev, paths, labels)
     _training(ev, summary, cfg)
     _popularity(ev, paths)
@@ -153,7 +155,16 @@ def _lineage(ev: Evidence, paths: RunPaths, summary: dict | None, saved: dict | 
     ev.lineage = lin
 
 
-def _rankings(ev: Evidence, paths: RunPaths, split: str, labels: list[str] | None) -> pd.DataFrame | None:
+def _score_matrix(cells, width: int) -> np.ndarray:
+    """(U, N) scores from per-user lists; ragged rows padded with -inf (never above a target)."""
+    scores = np.full((len(cells), width), -np.inf)
+    for i, s in enumerate(cells):
+        scores[i, : len(s)] = s
+    return scores
+
+
+def _rankings(ev: Evidence, paths: RunPaths, split: str, labels: list[str] | None,
+              metrics: dict | None = None) -> pd.DataFrame | None:
     path = paths.rankings(split)
     if not path.is_file():
         for name in ("rankings", "scores", "probe"):
@@ -166,16 +177,72 @@ def _rankings(ev: Evidence, paths: RunPaths, split: str, labels: list[str] | Non
     n = np.array([len(c) for c in cands], dtype=np.int64)
     tidx = np.array([c.index(t) if t in c else -1 for c, t in zip(cands, targets)], dtype=np.int64)
     width = int(n.max()) if len(n) else 0
-    scores = np.full((len(cands), width), -np.inf)  # (U, N) ragged rows padded with -inf (never above a target)
-    for i, s in enumerate(frame["scores"]):
-        scores[i, : len(s)] = s
+    scores = _score_matrix(frame["scores"], width)  # (U, N) the LLM's own label scores (what the probe re-makes)
+    # The run's final order (score.fusion / score.permutations) is written next to the LLM's scores:
+    # final_scores, and target_rank follows it. Older runs have neither and final_order absent.
+    final = (metrics or {}).get("final_order") or "reranker"
+    final_rank = None
+    if final != "reranker":
+        if "final_scores" in frame:
+            final_rank = target_ranks(_score_matrix(frame["final_scores"], width), tidx)
+        elif f"{final}_scores" in frame:
+            final_rank = target_ranks(_score_matrix(frame[f"{final}_scores"], width), tidx)
+        elif "target_rank" in frame:
+            final_rank = np.asarray(frame["target_rank"], dtype=np.int64)
     ev.rankings = Rankings(source=str(path), num_candidates=n, target_index=tidx,
                            reranker_rank=target_ranks(scores, tidx),
                            retriever_rank=np.asarray(frame["retriever_rank"], dtype=np.int64)
                            if "retriever_rank" in frame else None,
                            top_position=np.argmax(scores, axis=1) if width else None,
-                           labels=labels, candidate_items=cands, targets=targets)
+                           labels=labels, candidate_items=cands, targets=targets,
+                           final_order=final, final_rank=final_rank)
     return frame
+
+
+def _order_from_stats(stats: dict | None) -> str | None:
+    """The display order examples.py recorded in its stats: "order" (now) or "shuffled" (older runs)."""
+    if not stats:
+        return None
+    if stats.get("order") in ("shuffled", "retriever"):
+        return stats["order"]
+    if isinstance(stats.get("shuffled"), bool):
+        return "shuffled" if stats["shuffled"] else "retriever"
+    return None
+
+
+def _protocol(ev: Evidence, root: Path, summary: dict | None, metrics: dict | None, cfg: RunConfig | None,
+              metrics_name: str) -> None:
+    """Training and evaluation display orders: what the examples recorded first, then what the run says
+    it used (metrics' protocol), then the config (prompt.train_order / eval_order; older configs have
+    prompt.shuffle_candidates, which shuffled every split or none)."""
+    raw_prompt: dict = {}
+    if cfg is None and (root / "config.yaml").is_file():
+        try:
+            import yaml
+
+            raw_prompt = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("prompt") or {}
+        except Exception:  # an unreadable config leaves the protocol unknown, as for a foreign run
+            raw_prompt = {}
+    prompt = cfg.prompt.__dict__ if cfg is not None else raw_prompt
+    old = prompt.get("shuffle_candidates")
+    old = None if not isinstance(old, bool) else "shuffled" if old else "retriever"
+    recorded = (metrics or {}).get("protocol") or {}
+    found: dict[str, str | None] = {}
+    where: list[str] = []
+    for key, stats, stats_file in (
+            ("train_order", (summary or {}).get("train_prompt_stats"), "ranker/train_summary.json"),
+            ("eval_order", (metrics or {}).get("prompt_stats"), metrics_name)):
+        for value, source in ((_order_from_stats(stats), stats_file), (recorded.get(key), metrics_name),
+                              (prompt.get(key), "config.yaml"), (old, "config.yaml (prompt.shuffle_candidates)")):
+            if value in ("shuffled", "retriever"):
+                found[key] = value
+                where.append(f"{key} from {source}")
+                break
+    if found:
+        ev.protocol = Protocol(train_order=found.get("train_order"), eval_order=found.get("eval_order"),
+                               source="; ".join(where))
+    else:
+        ev.missing["protocol"] = "the display order of the candidates (prompt.train_order / prompt.eval_order)"
 
 
 def _split_counts(ev: Evidence, paths: RunPaths, labels: list[str] | None) -> None:
