@@ -141,3 +141,14 @@ def test_backend_recipes_are_their_parent_but_for_the_backend(recipe, parent, ba
         assert child.model.quantization == "none"
         child.model.quantization = base.model.quantization
     assert child.to_dict() == base.to_dict()
+
+
+def test_the_cpu_recipe_is_the_embedded_default_spelled_out():
+    """configs/smollm2_cpu.yaml says it is what `make demo` runs: every field but run_dir must agree."""
+    import dataclasses
+
+    default, recipe = load_config(), load_config(Path(__file__).parent.parent / "configs" / "smollm2_cpu.yaml")
+    differ = [f"{section}.{name}" for section in ("data", "retriever", "prompt", "model", "train", "score", "export")
+              for name, value in dataclasses.asdict(getattr(default, section)).items()
+              if dataclasses.asdict(getattr(recipe, section))[name] != value]
+    assert recipe.run_dir != default.run_dir and differ == []

@@ -59,7 +59,7 @@ def small(data):
     return dataset, frame.head(60)
 
 
-CFG = PromptConfig(history_items=5, max_train_examples=0)
+CFG = PromptConfig(history_items=5, max_train_examples=0, train_order="shuffled")
 
 
 def build(frame, dataset, tok, split="train", permutation=0, **changes):
