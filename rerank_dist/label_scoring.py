@@ -39,9 +39,17 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Next-token logits of the K label tokens at the answer position, as float32 (B, K).
 
     Inputs must be left padded, so the last column is every row's answer position. Only that
-    position reaches the head (logits_to_keep=1): full (B, L, V) logits would cost L times the
+    position reaches the head (``logits_to_keep``): full (B, L, V) logits would cost L times the
     memory for values nobody reads. The model is called as a whole, so DDP / PEFT wrappers see
     the forward. Gradients flow when the caller allows them.
+
+    The position is kept as an index tensor, not ``logits_to_keep=1``: the int slices the hidden
+    states to a (B, 1, D) view that keeps the whole sequence's batch stride, which torch.matmul
+    cannot fold into one mm; with frozen weights (LoRA, scoring) the head then runs as a batched
+    matmul over a broadcast weight: on an AVX512-BF16 CPU in bfloat16, ~170 ms per row with
+    SmolLM2's 49k vocabulary (~15% of a 600-token prompt's forward) against 15-20 ms for the whole
+    batch as one mm (bench/results/scorer_throughput.md). Indexing copies the (B, D) rows into a
+    dense tensor; scores and gradients are bit-identical to the int's.
 
     The K label rows are then projected again in float32 from the hidden state the head received:
     bf16 logits near 25 are spaced 0.125 apart, coarse enough to tie candidates.
@@ -74,7 +82,7 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             input_ids=input_ids,  # (B, L)
             attention_mask=attention_mask,  # (B, L)
             position_ids=left_pad_position_ids(attention_mask),  # (B, L)
-            logits_to_keep=1,
+            logits_to_keep=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device),  # (1,) the last column
             use_cache=False,
         )
     finally:
