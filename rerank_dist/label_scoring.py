@@ -48,7 +48,7 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     cannot fold into one mm; with frozen weights (LoRA, scoring) the head then runs as a batched
     matmul over a broadcast weight: on an AVX512-BF16 CPU in bfloat16, ~170 ms per row with
     SmolLM2's 49k vocabulary (~15% of a 600-token prompt's forward) against 15-20 ms for the whole
-    batch as one mm (bench/results/scorer_throughput.md). Indexing copies the (B, D) rows into a
+    batch as one mm (bench/results/README.md). Indexing copies the (B, D) rows into a
     dense tensor; scores and gradients are bit-identical to the int's.
 
     The K label rows are then projected again in float32 from the hidden state the head received:
