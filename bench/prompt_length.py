@@ -56,7 +56,7 @@ def prompt_length_table(config: str, run_dir: str, history: list[int], titles: l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/smollm2_cpu.yaml")
-    parser.add_argument("--run-dir", default="/tmp/democlone/runs/default", help="prepared run (data/, retriever/)")
+    parser.add_argument("--run-dir", default="runs/default", help="prepared run (data/, retriever/)")
     parser.add_argument("--split", default="train", choices=["train", "val", "test"])
     parser.add_argument("--history", default="5,10,20", help="prompt.history_items values")
     parser.add_argument("--titles", default="8,16,32", help="prompt.title_max_tokens values")

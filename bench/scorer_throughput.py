@@ -1,8 +1,8 @@
 """Scoring throughput: the project's batched scorer against a naive one-prompt-at-a-time loop.
 
-    .venv/bin/python bench/scorer_throughput.py --threads 1 --adapter /tmp/democlone/runs/default/ranker/best
+    .venv/bin/python bench/scorer_throughput.py --threads 1 --adapter runs/default/ranker/best
     .venv/bin/python bench/scorer_throughput.py --threads 1 --prompts 16 --rounds 1 --tag ideas \\
-        --adapter /tmp/democlone/runs/default/ranker/best \\
+        --adapter runs/default/ranker/best \\
         --variants ours:bs8:intkeep,ours:bs1,ours:bs1:intkeep,ours:bs4,ours:bs16,ours:bs1:float32,ours:bs8:float32,naive:float32
 
 * **ours**: ``rerank_dist.score.score_prompts`` with the project's scoring Accelerator on CPU and
@@ -126,7 +126,7 @@ def compare_rankings(ours: np.ndarray, naive: np.ndarray, naive_raw: np.ndarray)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/smollm2_cpu.yaml")
-    parser.add_argument("--run-dir", default="/tmp/democlone/runs/default",
+    parser.add_argument("--run-dir", default="runs/default",
                         help="prepared run directory: data/ and retriever/candidates_test.parquet are read")
     parser.add_argument("--adapter", default="",
                         help="PEFT adapter directory (e.g. RUN/ranker/best); else the base model")

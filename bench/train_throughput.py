@@ -364,7 +364,7 @@ def _append_md(path: Path, header: list[str], row: list[Any], intro: str) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/smollm2_cpu.yaml", help="run config (model, LoRA, batch, lr)")
-    parser.add_argument("--run-dir", default="/tmp/democlone/runs/default",
+    parser.add_argument("--run-dir", default="runs/default",
                         help="prepared run directory: data/ and retriever/candidates_train.parquet are read")
     parser.add_argument("--dtype", default=None, help="override model.dtype (default: the config's, auto resolved)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per side")
