@@ -223,9 +223,11 @@ def rankings_frame(examples, llm_logits: np.ndarray, final: np.ndarray | None = 
 def _llm_scores(accelerator, model, cfg: RunConfig, split: str, candidates: pd.DataFrame, dataset, tokenizer,
                 labels: list[str], label_ids: torch.Tensor, adapter_dir: Path, saved_name: str) -> dict:
     """The LLM's label scores for every prompt of ``candidates`` under score.permutations display
-    orders, resumable per order (scores/<saved_name>[-pP]/). Returns examples (the first order's),
-    stats, single (N, K: the first order's label logits), averaged (N, K: mean log-probability over the orders, in the first
-    order's layout), seconds (forward passes per order), resumed (prompts saved by an earlier run)."""
+    orders, resumable per order (scores/<saved_name>[-pP]/).
+
+    Returns examples (the first order's), stats, single (N, K: the first order's label logits),
+    averaged (N, K: mean log-probability over the orders, in the first order's layout), seconds
+    (forward passes per order), resumed (prompts saved by an earlier run), saved_dirs."""
     from rerank_dist.examples import build_examples, tokenize_examples
 
     paths = RunPaths(Path(cfg.run_dir))
