@@ -28,6 +28,9 @@ def run_overrides(run_dir: Path, model_dir: Path, **extra: str) -> list[str]:
         "retriever.embed_dim": "16", "retriever.max_epochs": "1", "retriever.max_len": "50",
         "retriever.batch_size": "64", "retriever.max_minutes": "0",
         "prompt.history_items": "5", "prompt.title_max_tokens": "8", "prompt.max_train_examples": "24",
+        # Shuffled training: the doctor's planted faults (answers mostly "A", random negatives) are faults
+        # under this protocol; retriever-order training is covered in test_examples and test_doctor_checks.
+        "prompt.train_order": "shuffled",
         "model.name_or_path": str(model_dir), "model.lora_r": "4", "model.dtype": "float32",
         "train.batch_size": "4", "train.micro_batch_size": "2", "train.warmup_steps": "1",
         "train.lr": "1e-2", "train.max_steps": "4", "train.eval_every": "2", "train.eval_users": "16",
