@@ -225,7 +225,7 @@ def build_trl(cfg, plan, tokenizer, examples, order: list[int], max_steps: int, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rerank_dist.modeling import load_base_model, lora_config
+    from rerank_dist.modeling import load_base_model, lora_config, num_decoder_layers
 
     tc = cfg.train
     rows = [{"prompt": examples[i].prompt, "completion": labels[examples[i].label_index]} for i in order]
@@ -243,7 +243,7 @@ def build_trl(cfg, plan, tokenizer, examples, order: list[int], max_steps: int, 
     )
     model = load_base_model(cfg.model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora_config(cfg.model), callbacks=[callback])
+                         peft_config=lora_config(cfg.model, num_decoder_layers(model)), callbacks=[callback])
     return trainer
 
 

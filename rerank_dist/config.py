@@ -128,6 +128,7 @@ class ModelConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
+    lora_layers: int = _f(0, "adapters only in the last N decoder layers (0 = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.6x the examples per second; bench/results/README.md). The memory estimate still counts every layer, an upper bound")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
 
 
@@ -493,6 +494,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
         errs.append(f"retriever.top_k: expected at least 2 candidates to rank, got {cfg.retriever.top_k}")
     if not cfg.model.name_or_path:
         errs.append("model.name_or_path: expected a hub id or a local directory")
+    if cfg.model.lora_layers < 0:
+        errs.append(f"model.lora_layers: expected 0 (every layer) or a positive number of last layers, got {cfg.model.lora_layers}")
     if not cfg.model.lora_target_modules:
         errs.append("model.lora_target_modules: expected at least one module name")
     if cfg.model.quantization == "nf4" and cfg.model.dtype == "float16":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rerank_dist.config import ModelConfig
+from rerank_dist.config import ConfigError, ModelConfig
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.model_source import resolve_model_source
 
@@ -91,11 +91,25 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None,
     return model
 
 
-def lora_config(cfg: ModelConfig) -> Any:
+def lora_config(cfg: ModelConfig, num_layers: int | None = None) -> Any:
+    """peft LoraConfig; ``num_layers`` (the backbone's decoder layers) is needed when lora_layers > 0."""
     from peft import LoraConfig
 
+    layers = None
+    if cfg.lora_layers:
+        if num_layers is None:
+            raise ValueError("lora_config: model.lora_layers needs the backbone's number of layers")
+        if cfg.lora_layers > num_layers:
+            raise ConfigError(f"model.lora_layers: {cfg.lora_layers} last layers asked for, "
+                                 f"but {cfg.name_or_path} has {num_layers}")
+        layers = list(range(num_layers - cfg.lora_layers, num_layers))
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), layers_to_transform=layers,
+                      task_type="CAUSAL_LM")
+
+
+def num_decoder_layers(model: Any) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
 
 
 def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | None = None,
@@ -127,7 +141,7 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
                 # forward (validation); a sharded weight gathered for that one forward must keep
                 # the layout its shards were cut in.
                 module.support_avx512bf16_for_cpu = False
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg, num_decoder_layers(model)))
     return model.train()
 
 

@@ -150,7 +150,8 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     dtype, dtype_reason = resolve_dtype(mc.dtype, "cuda" if gpu else "cpu")
     weights = f"{dtype} ({dtype_reason})" if mc.dtype == "auto" else dtype
     lines.append(f"precision: weights {weights}, quantization {mc.quantization}, {mixed}; "
-                 f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}")
+                 f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}"
+                 + (f" (last {mc.lora_layers} layers)" if mc.lora_layers else ""))
     mc = dataclasses.replace(mc, dtype=dtype)  # the memory estimate counts the resolved dtype
     found = find_architecture(mc.name_or_path, mc.cache_dir)
     if found is None:

@@ -61,12 +61,13 @@ def test_bool_strings_are_not_all_true():
 def test_validation_reports_every_problem_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun announces it
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  lr: -1\n  batch_size: 16\nmodel:\n  dtype: int8\nretriever:\n  top_k: 40\nnope: 1\n")
+    bad.write_text("train:\n  lr: -1\n  batch_size: 16\nmodel:\n  dtype: int8\n  lora_layers: -2\nretriever:\n  top_k: 40\nnope: 1\n")
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     lines = str(err.value).splitlines()
     text = str(err.value)
     assert "train.lr" in text and "model.dtype" in text and "retriever.top_k" in text and "nope" in text
+    assert "model.lora_layers: expected 0" in text
     assert "train.batch_size=16" in text and "3 processes" in text  # 16 examples do not split over 3 processes
     assert all(line.startswith(str(bad)) for line in lines)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from rerank_dist.config import LABEL_SETS, PromptConfig
-from rerank_dist.examples import ExamplesError, build_examples, tokenize_examples
+from rerank_dist.examples import ExamplesError, build_examples, found_slot_prior, quota_slots, tokenize_examples
 from rerank_dist.prompts import encode_prompt
 from rerank_dist.verbalizer import resolve_label_ids
 from tests.tiny_tokenizers import TITLES, build_sentencepiece_like
@@ -104,13 +104,47 @@ def test_retriever_order_answers_sit_where_the_retriever_put_them(small, bpe):
             assert e.candidate_ids == row.candidates and e.label_index == row.target_rank
             assert e.retriever_positions == list(range(K))
             assert e.retriever_scores == list(row.retriever_scores)
-        else:  # replaces the lowest-ranked candidate, shown at a slot where the retriever puts targets it finds
+        else:  # replaces the lowest-ranked candidate, shown at a slot allotted from the found targets' slots
             inserted += 1
             assert [c for c in e.candidate_ids if c != row.target] == list(row.candidates[:-1])
-            assert e.label_index in found and e.retriever_positions[e.label_index] == -1
+            assert e.retriever_positions[e.label_index] == -1
             assert np.isnan(e.retriever_scores[e.label_index])
-    assert inserted > 0 and len({e.label_index for e, r in zip(examples, frame.itertuples()) if r.target_rank < 0}) > 1
+    assert found and inserted > 0
+    assert len({e.label_index for e, r in zip(examples, frame.itertuples()) if r.target_rank < 0}) > 1
     assert stats["shuffled"] is False and stats["order"] == "retriever"
+
+
+def test_quota_slots_follow_the_prior_to_within_one():
+    prior = np.array([0.5, 0.25, 0.125, 0.125])
+    for n in (0, 1, 7, 150):
+        slots = quota_slots(prior, n, np.random.default_rng(0))
+        counts = np.bincount(slots, minlength=4)
+        assert counts.sum() == n and np.all(np.abs(counts - prior * n) < 1), (n, counts)
+    assert quota_slots(prior, 150, np.random.default_rng(0)) == quota_slots(prior, 150, np.random.default_rng(0))
+
+
+def test_missed_targets_follow_the_smoothed_prior_of_all_training_rows(bpe):
+    # The retriever finds 240 of 300 targets, always at slot 0; a 40-row subset alone would count
+    # only ~32 of them, but the slots of its missed targets come from all 300 rows, smoothed.
+    dataset, frame = make_data(users=300, absent_rate=0.2, seed=3)
+    frame = frame.copy()
+    for i, row in frame.iterrows():
+        if row.target_rank > 0:
+            cands = list(row.candidates)
+            cands[0], cands[row.target_rank] = cands[row.target_rank], cands[0]
+            frame.at[i, "candidates"], frame.at[i, "target_rank"] = cands, 0
+    rows = [(0, 0, int(t), list(c), []) for t, c in zip(frame.target, frame.candidates)]
+    prior = found_slot_prior(rows, K)
+    n_found = int((frame.target_rank >= 0).sum())
+    assert prior[0] == pytest.approx((n_found + 1) / (n_found + K)) and prior[1] == pytest.approx(1 / (n_found + K))
+    examples, stats = build(frame, dataset, bpe, train_order="retriever", max_train_examples=120)
+    assert len(examples) == 120
+    missed = [e.label_index for e in examples if e.retriever_positions[e.label_index] == -1]
+    assert len(missed) >= 10  # the fault being guarded against needs missed targets in the subset
+    counts = np.bincount(missed, minlength=K)
+    assert np.all(np.abs(counts - prior * len(missed)) < 1), counts
+    # As among the found targets, slot 0 holds nearly every answer.
+    assert counts[0] >= len(missed) * 0.8
 
 
 def test_eval_order_is_its_own_choice(small, bpe):

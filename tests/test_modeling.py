@@ -71,6 +71,34 @@ def test_lora_only_adapters_trainable(tiny_dirs, arch):
     assert model.peft_config["default"].r == cfg.lora_r
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_layers_adapts_only_the_last_layers_and_round_trips(tiny_dirs, tmp_path, arch):
+    n = TINY_DIMS["num_hidden_layers"]
+    assert n >= 2  # the claim needs a layer left without adapters
+    cfg = _cfg(tiny_dirs[arch], lora_layers=1)
+    tok = M.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = M.load_model(cfg, training=True)
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {n - 1}
+    _train_steps(model, tok)
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    ids, mask = _batch(tok, PROMPTS)
+    with torch.no_grad():
+        trained = LS.label_logits(model, ids, mask, _label_ids(tok))
+        reloaded = LS.label_logits(M.load_for_scoring(cfg, tmp_path / "adapter"), ids, mask, _label_ids(tok))
+    assert (reloaded - trained).abs().max().item() <= TOL
+
+
+def test_lora_layers_beyond_the_backbone_is_a_config_error(tiny_dirs):
+    from rerank_dist.config import ConfigError
+
+    n = TINY_DIMS["num_hidden_layers"]
+    with pytest.raises(ConfigError, match=f"model.lora_layers: {n + 1} last layers asked for, but .* has {n}"):
+        M.load_model(_cfg(tiny_dirs["llama"], lora_layers=n + 1), training=True)
+
+
 def test_bf16_backbone_keeps_float32_adapters(tiny_dirs):
     # AdamW steps of ~lr * 1 on bf16 adapter weights would mostly round away; PEFT keeps them fp32.
     model = M.load_model(_cfg(tiny_dirs["llama"], dtype="bfloat16"), training=True)
