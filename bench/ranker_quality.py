@@ -46,12 +46,13 @@ def _point_config(args, order: str, size: int, run_dir: Path):
     steps = math.ceil(size / args.batch_size)
     overrides = [f"run_dir={run_dir}", f"retriever.train_prefixes_per_user={args.prefixes_per_user}",
                  f"prompt.train_order={order}", "prompt.eval_order=retriever", "prompt.max_train_examples=0",
-                 f"prompt.history_items={args.history_items}",
                  "train.lr_schedule=constant", f"train.max_steps={steps}", "train.epochs=100",
                  f"train.batch_size={args.batch_size}", "train.max_minutes=0", "train.keep_last=2",
                  "train.eval_every=1000000", f"train.eval_users={args.eval_users}", "train.save_every_minutes=5",
-                 f"score.fusion_val_users={args.val_users}"] + args.set
-    return load_config(ROOT / args.config, overrides)
+                 f"score.fusion_val_users={args.val_users}"]
+    if args.history_items is not None:
+        overrides.append(f"prompt.history_items={args.history_items}")
+    return load_config(ROOT / args.config, overrides + args.set)
 
 
 def _share_retriever(base: Path, run_dir: Path) -> None:
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="200,800,3200", help="training examples seen at each point")
     parser.add_argument("--orders", default="shuffled,retriever", help="prompt.train_order values")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--history-items", type=int, default=20)
+    parser.add_argument("--history-items", type=int, default=None, help="prompt.history_items (default: the config's)")
     parser.add_argument("--prefixes-per-user", type=int, default=6,
                         help="retriever.train_prefixes_per_user: 610 users x 6 = 3,660 distinct training examples")
     parser.add_argument("--eval-users", type=int, default=16, help="validation users at the end of each segment")
@@ -223,13 +224,15 @@ def main() -> None:
                 f"{point['metrics']['fused']['ndcg@10']:.4f}, retriever {point['metrics']['retriever_order']['ndcg@10']:.4f}")
     points.sort(key=lambda p: (p["train_order"], p["examples_seen"]))
     meta = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "config": args.config, "sizes": sizes, "history_items": args.history_items,
+            "config": args.config, "sizes": sizes, "history_items": base_cfg.prompt.history_items, "overrides": args.set,
+            "argv": sys.argv[1:],
             "eval_order": "retriever", "test_users": points[0]["test_users"] if points else None,
             "minutes_this_invocation": round((time.time() - started) / 60, 1)}
     write_json(out.with_suffix(".json"), {"meta": meta, "points": points})
     text = (f"# Ranker learning curve ({args.config}, CPU {meta['cpu_capability']}, {meta['threads']} threads)\n\n"
             f"Test metrics over all {meta['test_users']} test users; evaluation in retriever order; fusion weight "
-            f"chosen on validation users. Produced by `python bench/ranker_quality.py --sizes {args.sizes}`.\n\n"
+            f"chosen on validation users. Produced by `python bench/ranker_quality.py {' '.join(sys.argv[1:])}` "
+            f"(resumable: points already in --work are read back).\n\n"
             + _table(points) + "\n")
     atomic_write_text(out.with_suffix(".md"), text)
     if points:

@@ -103,7 +103,7 @@ class RetrieverConfig:
 @dataclass
 class PromptConfig:
     template: str = _f("alpaca_short", "prompt layout: alpaca_short (LlamaRec) | chat (tokenizer's chat template)")
-    history_items: int = _f(20, "most recent history titles shown")
+    history_items: int = _f(10, "most recent history titles shown (LlamaRec: 20; 10 makes SmolLM2 prompts 0.76x as long: bench/results/prompt_length.md)")
     title_max_tokens: int = _f(32, "each title is cut to this many tokens")
     max_prompt_tokens: int = _f(1536, "prompts longer than this are truncated from the left (history first)")
     labels: str = _f("letters", "label set: letters (A-Z, up to 26) | letters_lower (A-Z a-z, up to 52)")
@@ -111,7 +111,7 @@ class PromptConfig:
     eval_order: str = _f("retriever", "order the candidates are shown in for validation and test: retriever (LlamaRec's evaluation: a letter's position carries the retriever's rank) | shuffled (seeded per user; the model sees titles only)")
     negatives: str = _f("retriever", "training negatives: retriever (hard) | random (LlamaRec) | mixed")
     mixed_random_fraction: float = _f(0.5, "share of random negatives when negatives=mixed")
-    max_train_examples: int = _f(192, "cap on training examples, a seeded subset (0 = all; the CPU default keeps 192)")
+    max_train_examples: int = _f(448, "cap on training examples, a seeded subset (0 = all; the CPU default keeps 448)")
     seed: int = _f(42, "seed for shuffling and negative sampling")
 
 
@@ -128,7 +128,7 @@ class ModelConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
-    lora_layers: int = _f(0, "adapters only in the last N decoder layers (0 = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.6x the examples per second; bench/results/README.md). The memory estimate still counts every layer, an upper bound")
+    lora_layers: int = _f(10, "adapters only in the last N decoder layers (0, or N at least the model's layer count = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.6x the examples per second; bench/results/README.md). The memory estimate still counts every layer, an upper bound")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
 
 
@@ -147,7 +147,7 @@ class TrainConfig:
     deepspeed_config: str = _f("", "zero2/zero3 only: a DeepSpeed config file (JSON or YAML) whose values override the one built from this config, key by key (e.g. zero_optimization.offload_optimizer); the batch plan's sizes and accumulation cannot be overridden")
     mixed_precision: str = _f("no", "autocast for forward and backward, passed to the Accelerator (a launcher's --mixed_precision does not override it): no | bf16 | fp16")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    eval_every: int = _f(12, "validate every this many optimizer steps (and at the end)")
+    eval_every: int = _f(28, "validate every this many optimizer steps (and at the end)")
     eval_users: int = _f(64, "validation users scored at each evaluation (0 = all)")
     save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = by time only, and at the end)")
     save_every_minutes: float = _f(5.0, "also write one when this many minutes passed since the last (0 = off), so a killed run loses at most that much")
@@ -159,7 +159,7 @@ class TrainConfig:
 
 @dataclass
 class ScoreConfig:
-    batch_size: int = _f(8, "prompts per forward pass per process")
+    batch_size: int = _f(1, "prompts per forward pass per process (1 on a CPU: 1.1x faster than 8 there and padding-free, so bf16 scores do not depend on batch-mates, bench/results/README.md; batch on GPUs)")
     splits: list[str] = _f(["test"], "splits to score with the trained adapter")
     max_users: int = _f(0, "score only the first N users (0 = all; anything else is not a headline number)")
     fusion: bool = _f(True, "also rank by a fusion of the LLM's label scores and the retriever's scores (each z-scored per user), with the weight chosen on validation users only; the fused order is then the run's final order")

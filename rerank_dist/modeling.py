@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rerank_dist.config import ConfigError, ModelConfig
+from rerank_dist.config import ModelConfig
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.model_source import resolve_model_source
 
@@ -99,10 +99,8 @@ def lora_config(cfg: ModelConfig, num_layers: int | None = None) -> Any:
     if cfg.lora_layers:
         if num_layers is None:
             raise ValueError("lora_config: model.lora_layers needs the backbone's number of layers")
-        if cfg.lora_layers > num_layers:
-            raise ConfigError(f"model.lora_layers: {cfg.lora_layers} last layers asked for, "
-                                 f"but {cfg.name_or_path} has {num_layers}")
-        layers = list(range(num_layers - cfg.lora_layers, num_layers))
+        if cfg.lora_layers < num_layers:  # else every layer: "the last 10" of a 2-layer model is all of it
+            layers = list(range(num_layers - cfg.lora_layers, num_layers))
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), layers_to_transform=layers,
                       task_type="CAUSAL_LM")

@@ -91,12 +91,12 @@ def test_lora_layers_adapts_only_the_last_layers_and_round_trips(tiny_dirs, tmp_
     assert (reloaded - trained).abs().max().item() <= TOL
 
 
-def test_lora_layers_beyond_the_backbone_is_a_config_error(tiny_dirs):
-    from rerank_dist.config import ConfigError
-
+def test_lora_layers_at_least_the_backbone_adapts_every_layer(tiny_dirs):
     n = TINY_DIMS["num_hidden_layers"]
-    with pytest.raises(ConfigError, match=f"model.lora_layers: {n + 1} last layers asked for, but .* has {n}"):
-        M.load_model(_cfg(tiny_dirs["llama"], lora_layers=n + 1), training=True)
+    for asked in (0, n, n + 8):
+        model = M.load_model(_cfg(tiny_dirs["llama"], lora_layers=asked), training=True)
+        adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters() if p.requires_grad}
+        assert adapted == set(range(n)), asked
 
 
 def test_bf16_backbone_keeps_float32_adapters(tiny_dirs):
