@@ -267,7 +267,7 @@ def main() -> None:
           f"{len(token_lists)} test prompts (mean {result['setup']['mean_tokens']} tokens), {args.rounds} round(s); "
           f"CPU {env['cpu_capability']}, {env['torch_threads']} torch thread(s), load average (1 min) "
           f"{env['loadavg_start'][0]} at start, {result['environment']['loadavg_end'][0]} at end. "
-          f"The issue's target: >= 2x with identical rankings.\n",
+          f"The target: >= 2x with identical rankings.\n",
           "| variant | dtype | prompts/s | vs naive | rows identical / differing (strict inversions) | "
           "rows with ties ours / naive | max abs logit diff |",
           "|---|---|---|---|---|---|---|"]

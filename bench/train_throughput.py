@@ -473,13 +473,14 @@ def main() -> None:
               "ours ex/s", "TRL ex/s", "ratio", "ours tok/s", "TRL tok/s"]
     row = [result["when"], env["cpu_capability"], env["torch_threads"],
            f"{env['loadavg_start'][0]} / {result['environment']['loadavg_end'][0]}", dtype[0],
-           plan.describe().split(" = ")[-1], "on" if result["setup"]["gradient_checkpointing"]["trl"] else "off",
+           plan.describe().split(" = ")[-1] + f"; LoRA in {'the last ' + str(cfg.model.lora_layers) if cfg.model.lora_layers else 'all'} "
+           f"layers, {cfg.prompt.history_items} history titles", "on" if result["setup"]["gradient_checkpointing"]["trl"] else "off",
            args.steps, o["examples_per_s"], t["examples_per_s"],
            f"{result['ratio_examples_per_s']}x", o["tokens_per_s"], t["tokens_per_s"]]
     _append_md(out / "train_throughput.md", header, row,
                "# Training throughput: rerank_dist's step vs TRL SFTTrainer\n\n"
                "bench/train_throughput.py; SmolLM2-135M-Instruct, same prompts / batch / LoRA / optimizer; "
-               "interleaved steps, first step of each side untimed. The issue's target is >= 2.5x.")
+               "interleaved steps, first step of each side untimed. The target is >= 2.5x.")
     print(f"ours {o['examples_per_s']} ex/s ({o['tokens_per_s']} tok/s), TRL {t['examples_per_s']} ex/s "
           f"({t['tokens_per_s']} tok/s): {result['ratio_examples_per_s']}x (median of rounds "
           f"{result['ratio_median_of_rounds']}x); results in {out}/train_throughput{suffix}.json", flush=True)
