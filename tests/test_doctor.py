@@ -394,3 +394,20 @@ def test_a_doctor_that_cannot_finish_leaves_the_run_and_its_report(clean, plante
     assert pipeline.doctor(cfg, said.append) is None
     assert any("could not finish (RuntimeError: backbone gone)" in line for line in said)
     assert (run / "report.md").read_text() == before
+
+
+def test_capacity_names_adapters_limited_to_the_last_layers():
+    from rerank_dist.doctor import checks
+    from rerank_dist.doctor.evidence import CapacityFacts, Curve, Evidence, VerbalizerFacts
+
+    steps = np.arange(1, 41)
+    plateau = Curve(steps, 2.8 + 1.1 * np.exp(-steps / 4), "train loss", "log")  # stuck below ln 20
+    for layers, named in ((list(range(20, 30)), True), (None, False)):
+        ev = Evidence(kind="rerank_dist", root=Path("."), loss=plateau)
+        ev.verbalizer = VerbalizerFacts(labels=list("ABCDEFGHIJKLMNOPQRST"))
+        ev.capacity = CapacityFacts(model="m", parameters=135_000_000, lora_r=8, lora_targets=["q_proj"],
+                                    examples_seen=448, lora_layers=layers)
+        result = checks.capacity(ev)
+        assert result.status is Status.WARN
+        assert ("in layers 20-29 only" in result.value) is named
+        assert ("model.lora_layers: 0" in result.fix) is named

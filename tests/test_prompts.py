@@ -59,17 +59,18 @@ def test_truncation_never_leaves_half_a_character(bpe):
 
 def test_left_truncation_drops_oldest_history(bpe):
     history = [f"Movie number {i} (1995)" for i in range(20)]
-    full = render_prompt(bpe, PromptConfig(), ["A", "B"], history, CANDIDATES)
+    full = render_prompt(bpe, PromptConfig(history_items=20), ["A", "B"], history, CANDIDATES)
+    assert full.history_shown == 20 and full.history_dropped == 0
     budget = full.num_tokens - 30
-    r = render_prompt(bpe, PromptConfig(max_prompt_tokens=budget), ["A", "B"], history, CANDIDATES)
+    r = render_prompt(bpe, PromptConfig(history_items=20, max_prompt_tokens=budget), ["A", "B"], history, CANDIDATES)
     assert r.num_tokens <= budget and r.history_dropped > 0
     assert r.history_shown + r.history_dropped == 20
     # The most recent titles survive, renumbered from 1; the oldest are gone.
     assert f"(1) Movie number {r.history_dropped} (1995)\n" in r.text
     assert "Movie number 19 (1995)" in r.text and "Movie number 0 (1995)" not in r.text
     # Dropping one title fewer would not fit: the fewest titles are dropped.
-    again = render_prompt(bpe, PromptConfig(max_prompt_tokens=10_000), ["A", "B"], history[r.history_dropped - 1:],
-                          CANDIDATES)
+    again = render_prompt(bpe, PromptConfig(history_items=20, max_prompt_tokens=10_000), ["A", "B"],
+                          history[r.history_dropped - 1:], CANDIDATES)
     assert again.num_tokens > budget
 
 

@@ -331,7 +331,9 @@ def capacity(ev: Evidence) -> CheckResult:
     late_fall = (q3.mean() - q4.mean()) / abs(q3.mean()) if q3.mean() else 0.0
     _, final, _ = stats.ends(values)
     c = ev.capacity
+    layers = c.lora_layers if c and isinstance(c.lora_layers, list) and c.lora_layers else None
     model = (f"backbone {c.model} ({_size(c.parameters)}), LoRA r={c.lora_r} on {','.join(c.lora_targets or []) or '?'}"
+             + (f" in layers {min(layers)}-{max(layers)} only" if layers else "")
              + (f", {c.examples_seen} training examples seen" if c.examples_seen else "")) if c else "model unknown"
     numbers = {"final": final, "chance": level, "late_relative_fall": late_fall,
                "parameters": c.parameters if c else None, "lora_r": c.lora_r if c else None}
@@ -340,8 +342,8 @@ def capacity(ev: Evidence) -> CheckResult:
         value = (f"plateaued at {final:.3f} = {final / level:.2f} x chance (last quarter {-late_fall:+.1%} vs the "
                  f"one before); {model}")
         fix = ("the model stopped improving well above a useful loss: a larger backbone (LlamaRec: Llama-2-7B), a "
-               "higher LoRA rank or more target modules (e.g. all attention and MLP projections), and more "
-               "training examples")
+               "higher LoRA rank or more target modules (e.g. all attention and MLP projections)"
+               + (", adapters in every layer (model.lora_layers: 0)" if layers else "") + ", and more training examples")
         return CheckResult(cid, title, Status.WARN, value, fix, numbers=numbers)
     why = (f"still falling at the end ({-late_fall:+.1%} over the last quarter): budget, not capacity"
            if not plateau else f"final {final:.3f} = {final / level:.2f} x chance")

@@ -139,6 +139,7 @@ class CapacityFacts:
     lora_r: int | None
     lora_targets: list[str] | None
     examples_seen: int | None     # training examples x epochs, when known
+    lora_layers: list[int] | None = None  # the decoder layers with adapters; None = every layer
 
 
 @dataclass

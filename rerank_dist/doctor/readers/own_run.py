@@ -306,7 +306,7 @@ def _capacity(ev: Evidence, paths: RunPaths, summary: dict | None, cfg: RunConfi
                                 parameters=params or parameters_from_name(name),
                                 lora_r=lora.get("r", cfg.model.lora_r if cfg else None),
                                 lora_targets=lora.get("target_modules", cfg.model.lora_target_modules if cfg else None),
-                                examples_seen=seen)
+                                examples_seen=seen, lora_layers=lora.get("layers_to_transform"))
 
 
 def _rebuild(ev: Evidence, cfg: RunConfig, paths: RunPaths, options: OwnRunOptions, recorded: pd.DataFrame | None,
