@@ -142,6 +142,7 @@ def _plot(points: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("ndcg@10", "recall@5")):
@@ -157,6 +158,9 @@ def _plot(points: list[dict], out: Path) -> None:
             ax.axhline(np.mean([p["metrics"]["random_order"][metric] for p in points]), color="grey", ls=":", lw=1,
                        label="random order")
         ax.set_xscale("log")
+        sizes = sorted({p["examples_seen"] for p in points})
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training examples seen")
         ax.set_ylabel(f"test {metric} (all users)")
     axes[0].legend(fontsize=7)
