@@ -111,6 +111,7 @@ class PromptConfig:
     eval_order: str = _f("retriever", "order the candidates are shown in for validation and test: retriever (LlamaRec's evaluation: a letter's position carries the retriever's rank) | shuffled (seeded per user; the model sees titles only)")
     negatives: str = _f("retriever", "training negatives: retriever (hard) | random (LlamaRec) | mixed")
     mixed_random_fraction: float = _f(0.5, "share of random negatives when negatives=mixed")
+    train_targets: str = _f("all", "which training rows are kept: all (a target the retriever missed is put into its list, see negatives) | retrieved (only rows whose target the retriever found: the only case evaluation can score, since a user whose target is missing scores 0 under any order; ml-latest-small keeps about 1 row in 4). Rows left out are counted in the training stats")
     max_train_examples: int = _f(448, "cap on training examples, a seeded subset (0 = all; the CPU default keeps 448)")
     seed: int = _f(42, "seed for shuffling and negative sampling")
 
@@ -217,6 +218,7 @@ _CHOICES = {
     "prompt.negatives": {"retriever", "random", "mixed"},
     "prompt.train_order": {"shuffled", "retriever"},
     "prompt.eval_order": {"shuffled", "retriever"},
+    "prompt.train_targets": {"all", "retrieved"},
     "retriever.train_candidates": {"same", "held_out"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},  # rerank_dist.hardware.DTYPES
     "model.quantization": {"none", "nf4"},

@@ -29,6 +29,11 @@ protocol choice, recorded with the metrics:
   drawn independently would teach a lumpy letter prior instead (a 192-row run showed 'S' 21 times
   and 'K', 'M', 'N', 'T' never, and its model answered 'S' for 60% of users).
 
+Training rows (``PromptConfig.train_targets``): ``all`` keeps every row, inserting a target the
+retriever missed as above; ``retrieved`` keeps only the rows whose target the retriever found,
+the one situation evaluation can score (a user whose target is missing scores 0 under any order),
+and counts the rows left out.
+
 ``permutation=p > 0`` shows the same candidates in another seeded order (permutation averaging).
 """
 
@@ -172,6 +177,14 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
     missing = truncated_prompts = dropped = placed = 0
     token_counts: list[int] = []
     all_rows = _rows(candidates, split, cfg)
+    rows_without_target = 0
+    if split == "train" and cfg.train_targets == "retrieved":
+        kept = [row for row in all_rows if row[2] in row[3]]
+        rows_without_target = len(all_rows) - len(kept)
+        if not kept:
+            raise ExamplesError(f"prompt.train_targets=retrieved: the retriever found none of the {len(all_rows)} "
+                                f"training targets; use train_targets=all")
+        all_rows = kept
     rows = _subsample(all_rows, split, cfg)
     # Slots for the training targets the retriever missed, under retriever order: allotted from
     # where it puts the targets it finds (so training's answer positions match evaluation's).
@@ -214,6 +227,9 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
                                 retriever_positions=[rank.get(i, -1) for i in shown], target=target,
                                 retriever_scores=[score_of.get(i, float("nan")) for i in shown]))
     stats = _stats(examples, labels, split, order, cfg, missing, book)
+    if split == "train":
+        stats["train_targets"] = cfg.train_targets
+        stats["rows_left_out_target_not_retrieved"] = rows_without_target
     stats.update(prompts_history_truncated=truncated_prompts, history_titles_dropped=dropped,
                  prompt_tokens_max=max(token_counts, default=0),
                  prompt_tokens_mean=round(float(np.mean(token_counts)), 1) if token_counts else 0.0)

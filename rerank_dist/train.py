@@ -108,6 +108,9 @@ def train(cfg: RunConfig) -> dict:
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
         f"{data.stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
         f"label balance max/min = {data.stats.get('label_balance_ratio')}")
+    if data.stats.get("rows_left_out_target_not_retrieved"):
+        say(f"training rows: {data.stats['rows_left_out_target_not_retrieved']:,} left out whose target the retriever "
+            f"missed (prompt.train_targets=retrieved)")
 
     # ------------------------------------------------------------------ loop
     started = last_save = last_step_end = time.time()

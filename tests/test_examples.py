@@ -147,6 +147,30 @@ def test_missed_targets_follow_the_smoothed_prior_of_all_training_rows(bpe):
     assert counts[0] >= len(missed) * 0.8
 
 
+def test_train_targets_retrieved_keeps_only_rows_whose_target_was_found_and_counts_the_rest(small, bpe):
+    dataset, frame = small
+    found = frame[frame.target_rank >= 0]
+    assert 0 < len(found) < len(frame)  # the planted fault: some targets missed, some found
+    examples, stats = build(frame, dataset, bpe, train_order="retriever", train_targets="retrieved")
+    assert [e.user for e in examples] == found.user.tolist()
+    assert all(e.retriever_positions[e.label_index] == row.target_rank for e, row in zip(examples, found.itertuples()))
+    assert stats["rows_left_out_target_not_retrieved"] == len(frame) - len(found)
+    assert stats["target_missing"] == 0 and stats["train_targets"] == "retrieved"
+    everything, stats_all = build(frame, dataset, bpe, train_order="retriever")
+    assert len(everything) == len(frame) and stats_all["rows_left_out_target_not_retrieved"] == 0
+    # Evaluation keeps every user: a missed target is a miss, not a dropped user.
+    test, _ = build(frame, dataset, bpe, split="test", train_targets="retrieved")
+    assert len(test) == len(frame)
+
+
+def test_train_targets_retrieved_with_no_target_found_is_a_clear_error(small, bpe):
+    dataset, frame = small
+    none_found = frame[frame.target_rank < 0]
+    assert len(none_found) > 0
+    with pytest.raises(ExamplesError, match="train_targets=retrieved"):
+        build(none_found, dataset, bpe, train_targets="retrieved")
+
+
 def test_eval_order_is_its_own_choice(small, bpe):
     dataset, frame = small
     kept, stats = build(frame, dataset, bpe, split="test", eval_order="retriever", train_order="shuffled")
