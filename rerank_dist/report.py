@@ -92,7 +92,7 @@ def _protocol_line(metrics: dict) -> list[str]:
     if not protocol:
         return []
     names = {"train_order": "training order", "eval_order": "evaluation order", "negatives": "negatives",
-             "permutations": "candidate permutations"}
+             "train_targets": "training targets", "permutations": "candidate permutations"}
     shown = ", ".join(f"{names.get(k, k.replace('_', ' '))} {v}" for k, v in protocol.items())
     return [f"Protocol: {shown}", ""]
 

@@ -340,7 +340,8 @@ def score_split(cfg: RunConfig, split: str) -> dict:
         result = evaluate_orders(examples, orders, seed=cfg.prompt.seed)
         result["final_order"] = final
         result["protocol"] = {"train_order": cfg.prompt.train_order, "eval_order": cfg.prompt.eval_order,
-                              "negatives": cfg.prompt.negatives, "permutations": cfg.score.permutations}
+                              "negatives": cfg.prompt.negatives, "train_targets": cfg.prompt.train_targets,
+                              "permutations": cfg.score.permutations}
         pairs = [(final, "retriever_order"), ("reranker", "random_order"), ("reranker", "retriever_order")]
         if final != "reranker":
             pairs.append((final, "reranker"))

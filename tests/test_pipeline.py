@@ -91,7 +91,7 @@ def test_final_order_fusion_and_protocol_are_recorded(trained_run):
     metrics = read_json(paths.metrics("test"))
     assert metrics["final_order"] == "fused" and {"reranker", "fused"} <= set(metrics)
     assert metrics["protocol"] == {"train_order": "shuffled", "eval_order": "retriever", "negatives": "retriever",
-                                   "permutations": 1}
+                                   "train_targets": "all", "permutations": 1}
     fusion = metrics["fusion"]
     assert fusion["chosen_on"] == "val" and str(fusion["weight"]) in fusion["grid"]
     val = pd.read_parquet(paths.candidates("val"))
