@@ -179,7 +179,7 @@ def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Seq
     all_rows = _rows(candidates, split, cfg)
     rows_without_target = 0
     if split == "train" and cfg.train_targets == "retrieved":
-        kept = [row for row in all_rows if row[2] in row[3]]
+        kept = [row for row in all_rows if row[2] in row[3]]  # row: (user, prefix_len, target, retrieved, scores)
         rows_without_target = len(all_rows) - len(kept)
         if not kept:
             raise ExamplesError(f"prompt.train_targets=retrieved: the retriever found none of the {len(all_rows)} "
