@@ -95,8 +95,8 @@ class RetrieverConfig:
     eval_every_epochs: int = _f(1, "validate every this many epochs")
     max_minutes: float = _f(6.0, "wall-clock budget for training; 0 = none (best checkpoint is kept)")
     top_k: int = _f(20, "candidates retrieved per user (over the whole catalogue, history excluded)")
-    train_prefixes_per_user: int = _f(1, "training prefixes per user for which candidates are made")
-    train_candidates: str = _f("held_out", "retriever for training-prefix candidates: held_out (a second retriever trained on seq[:-(2 + train_prefixes_per_user)], so training candidates are as hard as test ones; doubles retriever time) | same (the one trained on seq[:-2], which has seen those targets and retrieves them about 2.5x as often as test targets)")
+    train_prefixes_per_user: int = _f(1, "training examples per user, latest prefixes first (0 = every prefix of seq[:-2] with a non-empty history: LlamaRec's training set, 88,444 examples on ml-latest-small)")
+    train_candidates: str = _f("held_out", "retriever for training-prefix candidates: held_out (a second retriever trained on seq[:-(2 + train_prefixes_per_user)], so training candidates are as hard as test ones; doubles retriever time) | same (the one trained on seq[:-2], which has seen those targets and retrieves them about 2.5x as often as test targets) | none (no training candidates: prompt.negatives=random draws them, as LlamaRec)")
     seed: int = _f(42, "random seed for the retriever")
 
 
@@ -150,6 +150,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eval_every: int = _f(28, "validate every this many optimizer steps (and at the end)")
     eval_users: int = _f(64, "validation users scored at each evaluation (0 = all)")
+    patience: int = _f(0, "early stopping: stop after this many validations in a row without a better validation NDCG@10; best/ (what gets scored) is the best one (0 = off; LlamaRec: 20 validations, every 100 steps)")
     save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = by time only, and at the end)")
     save_every_minutes: float = _f(5.0, "also write one when this many minutes passed since the last (0 = off), so a killed run loses at most that much")
     keep_last: int = _f(3, "step-NNNNNN/ checkpoints kept, newest first; the best step's is kept as well (0 = keep all)")
@@ -219,7 +220,7 @@ _CHOICES = {
     "prompt.train_order": {"shuffled", "retriever"},
     "prompt.eval_order": {"shuffled", "retriever"},
     "prompt.train_targets": {"all", "retrieved"},
-    "retriever.train_candidates": {"same", "held_out"},
+    "retriever.train_candidates": {"same", "held_out", "none"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},  # rerank_dist.hardware.DTYPES
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
@@ -460,14 +461,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
 
     for d in ["data.min_count", "retriever.embed_dim", "retriever.num_blocks", "retriever.max_len",
               "retriever.lr", "retriever.batch_size", "retriever.max_epochs", "retriever.patience",
-              "retriever.eval_every_epochs", "retriever.top_k", "retriever.train_prefixes_per_user",
+              "retriever.eval_every_epochs", "retriever.top_k",
               "prompt.history_items", "prompt.title_max_tokens", "prompt.max_prompt_tokens",
               "model.lora_r", "model.lora_alpha", "train.lr", "train.epochs", "train.batch_size",
               "train.micro_batch_size", "train.eval_every", "score.batch_size", "score.permutations"]:
         positive(d)
-    for d in ["retriever.weight_decay", "retriever.max_minutes", "prompt.max_train_examples",
+    for d in ["retriever.weight_decay", "retriever.max_minutes", "retriever.train_prefixes_per_user",
+              "prompt.max_train_examples",
               "train.weight_decay", "train.warmup_steps", "train.max_steps", "train.max_minutes",
-              "train.max_grad_norm", "train.eval_users", "train.save_every", "train.save_every_minutes",
+              "train.max_grad_norm", "train.eval_users", "train.patience", "train.save_every", "train.save_every_minutes",
               "train.keep_last", "score.max_users", "score.fusion_val_users"]:
         positive(d, allow_zero=True)
     if cfg.train.deepspeed_config:
@@ -505,6 +507,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     if cfg.prompt.train_order == "retriever" and cfg.prompt.negatives != "retriever":
         errs.append(f"prompt.train_order: retriever order needs prompt.negatives=retriever (random negatives have no "
                     f"retriever rank), got negatives={cfg.prompt.negatives}; use train_order=shuffled")
+    if cfg.retriever.train_candidates == "none" and cfg.prompt.negatives != "random":
+        errs.append(f"retriever.train_candidates: none makes no training candidates, but prompt.negatives="
+                    f"{cfg.prompt.negatives} takes its negatives from them; use same or held_out, or negatives=random")
+    if cfg.retriever.train_candidates == "held_out" and cfg.retriever.train_prefixes_per_user == 0:
+        errs.append("retriever.train_candidates: held_out holds back the training prefixes' targets from a second "
+                    "retriever, which leaves it nothing to train on with train_prefixes_per_user=0 (every prefix); "
+                    "use same, or none with prompt.negatives=random")
     if cfg.score.fusion and not cfg.score.fusion_weights:
         errs.append("score.fusion_weights: expected at least one weight when score.fusion is on")
     bad = [w for w in cfg.score.fusion_weights if not 0.0 <= w <= 1.0]

@@ -38,7 +38,7 @@ ENVIRONMENT_FIELDS = {"data.download_dir", "model.cache_dir", "model.gguf_fallba
 MARKER = "stage.json"
 # Train fields that only say how long to run, how often to checkpoint and how to validate: changing
 # them continues the same training run (resume), any other change starts a new one.
-RUN_LENGTH_FIELDS = {"epochs", "max_steps", "max_minutes", "save_every", "save_every_minutes", "keep_last",
+RUN_LENGTH_FIELDS = {"epochs", "max_steps", "max_minutes", "save_every", "save_every_minutes", "keep_last", "patience",
                      "eval_every", "eval_users", "resume", "report_to"}
 RANKER_INPUTS = "inputs.json"
 

@@ -38,8 +38,14 @@ def prefix_len_for(seq_len: int, split: str, j: int = 0) -> int:
 
 
 def train_prefix_lens(seq_len: int, count: int) -> list[int]:
-    """Up to ``count`` training prefix lengths, latest first, skipping those with an empty history."""
-    return [p for p in (seq_len - _OFFSET["train"] - j for j in range(count)) if p >= 1]
+    """Up to ``count`` training prefix lengths, latest first, skipping those with an empty history.
+
+    ``count=0`` means every prefix (LlamaRec's training set): prefix_len = n-3, n-4, ..., 1, one
+    example per position of the training sequence seq[:-2] that has a non-empty history.
+    """
+    latest = seq_len - _OFFSET["train"]
+    count = count if count > 0 else max(latest, 0)
+    return [p for p in (latest - j for j in range(count)) if p >= 1]
 
 
 def history_and_target(seq: list[int], prefix_len: int) -> tuple[list[int], int]:
