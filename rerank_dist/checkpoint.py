@@ -60,6 +60,7 @@ class TrainerState:
     steps_in_epoch: int = 0       # optimizer steps done within the current epoch
     best_ndcg: float = -1.0       # best validation NDCG@10 so far (-1: no validation yet)
     best_step: int = 0            # the step that reached it (0: none)
+    evals_since_best: int = 0     # validations since the best one (early stopping: train.patience)
     total_steps: int = 0
     world_size: int = 1           # processes that wrote the checkpoint
     accumulation: int = 1         # forward passes per optimizer step on each process

@@ -150,6 +150,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     eval_every: int = _f(28, "validate every this many optimizer steps (and at the end)")
     eval_users: int = _f(64, "validation users scored at each evaluation (0 = all)")
+    examples_dir: str = _f("", "where the tokenized training examples are stored, built once and memory-mapped by every process ('' = <run_dir>/examples/train, rebuilt when its inputs change); several runs with the same data, prompt and tokenizer may share one directory, which is then refused, not rebuilt, when made for other settings")
     patience: int = _f(0, "early stopping: stop after this many validations in a row without a better validation NDCG@10; best/ (what gets scored) is the best one (0 = off; LlamaRec: 20 validations, every 100 steps)")
     save_every: int = _f(0, "write a resumable step-NNNNNN/ checkpoint every this many steps (0 = by time only, and at the end)")
     save_every_minutes: float = _f(5.0, "also write one when this many minutes passed since the last (0 = off), so a killed run loses at most that much")

@@ -41,12 +41,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from rerank_dist.config import PromptConfig
-from rerank_dist.prompts import PromptError, TitleBook, encode_prompts, render_prompt
+from rerank_dist.prompts import (PromptError, TitleBook, apply_template, encode_prompts, format_input,
+                                 render_prompt)
 
 # Salts keep the shuffling and sampling streams of one example independent.
 _SHUFFLE, _SAMPLE, _SUBSET, _BALANCE, _SLOT = 1, 2, 3, 4, 5
@@ -68,6 +69,7 @@ class Example:
     retriever_positions: list[int]  # 0-based retriever rank of each displayed candidate; -1 if not retrieved
     target: int
     retriever_scores: list[float]   # the retriever's score of each displayed candidate; NaN if not retrieved
+    input_ids: list[int] | None = None  # the prompt's token ids (prompts.encode_prompts), where built with them
 
 
 def _rng(seed: int, user: int, prefix_len: int, salt: int) -> np.random.Generator:
@@ -92,10 +94,16 @@ def _sample_random(rng: np.random.Generator, num_items: int, exclude: set[int], 
 
 
 def _train_candidates(retrieved: list[int], target: int, history: Sequence[int], cfg: PromptConfig, num_items: int,
-                      rng: np.random.Generator, user: int) -> list[int]:
-    """Candidates for one training example, in retriever order where they come from the retriever."""
-    k = len(retrieved)
+                      k: int, rng: np.random.Generator, user: int) -> list[int]:
+    """k candidates for one training example, in retriever order where they come from the retriever.
+
+    ``retrieved`` may be empty when the negatives are all random (LlamaRec: 19 items drawn uniformly
+    from outside the history and the target).
+    """
     missing = target not in retrieved
+    if not retrieved and cfg.negatives != "random":
+        raise ExamplesError(f"prompt.negatives={cfg.negatives} takes negatives from the retriever's training "
+                            f"candidates, and there are none (retriever.train_candidates=none); use negatives=random")
     if cfg.negatives == "retriever":
         return retrieved[:-1] + [target] if missing else list(retrieved)
     exclude = set(history) | {target}
@@ -112,34 +120,116 @@ def _train_candidates(retrieved: list[int], target: int, history: Sequence[int],
     raise ExamplesError(f"prompt.negatives: expected retriever | random | mixed, got {cfg.negatives!r}")
 
 
-def _rows(candidates: Any, split: str, cfg: PromptConfig) -> list[tuple[int, int, int, list[int], list[float]]]:
-    k = len(candidates["candidates"].iloc[0]) if len(candidates) else 0
-    scores = (candidates["retriever_scores"] if "retriever_scores" in candidates
-              else [[float("nan")] * k] * len(candidates))
-    rows = [(int(u), int(p), int(t), [int(c) for c in cands], [float(x) for x in sc]) for (u, p, t, cands), sc in
-            zip(candidates[["user", "prefix_len", "target", "candidates"]].itertuples(index=False, name=None), scores)]
-    return rows
+@dataclass
+class RowPlan:
+    """Which examples a split has, in order, as arrays: what every example builder (one process or
+    many, all rows or one part) starts from, so that any slice of it builds the same examples.
+
+    The per-row display slot of the target is fixed here, from the whole split (shuffled order:
+    consecutive seeded permutations of the labels; retriever order: the quota of missed targets),
+    so an example depends on its row index alone, never on which rows were built before it.
+    """
+
+    users: np.ndarray        # (N,) int64
+    prefix_lens: np.ndarray  # (N,) int64: history = sequences[user][:prefix_len]
+    targets: np.ndarray      # (N,) int64: sequences[user][prefix_len]
+    retrieved: np.ndarray    # (N, K) int64 retriever candidates, best first; (N, 0) when there are none
+    scores: np.ndarray       # (N, K) float64 retriever scores; NaN where unknown
+    slots: np.ndarray        # (N,) int64 display slot of the target; -1 = where the order puts it
+    rows_left_out: int       # rows dropped by prompt.train_targets=retrieved
+
+    def __len__(self) -> int:
+        return len(self.users)
 
 
-def _subsample(rows: list, split: str, cfg: PromptConfig) -> list:
-    """At most ``max_train_examples`` training rows, a seeded subset in the original order."""
+def candidate_arrays(candidates: Any) -> tuple[np.ndarray, ...]:
+    """(users, prefix_lens, targets, retrieved (N, K), scores (N, K)) of a candidates DataFrame.
+
+    Every row must have the same number of candidates (one per label); a row that differs is named.
+    """
+    n = len(candidates)
+    users = candidates["user"].to_numpy(dtype=np.int64) if n else np.zeros(0, np.int64)
+    prefix_lens = candidates["prefix_len"].to_numpy(dtype=np.int64) if n else np.zeros(0, np.int64)
+    targets = candidates["target"].to_numpy(dtype=np.int64) if n else np.zeros(0, np.int64)
+    lists = candidates["candidates"].tolist() if n else []
+    k = len(lists[0]) if lists else 0
+    for i, cands in enumerate(lists):
+        if len(cands) != k:
+            raise ExamplesError(f"user {users[i]} (prefix_len {prefix_lens[i]}): {len(cands)} candidates, "
+                                f"expected {k} (as the first row has)")
+    retrieved = np.asarray(lists, dtype=np.int64).reshape(n, k)
+    if "retriever_scores" in candidates and n:
+        scores = np.asarray(candidates["retriever_scores"].tolist(), dtype=np.float64).reshape(n, k)
+    else:
+        scores = np.full((n, k), np.nan)
+    return users, prefix_lens, targets, retrieved, scores
+
+
+def sequence_arrays(sequences: Any, prefixes_per_user: int) -> tuple[np.ndarray, ...]:
+    """The training rows of ``sequences`` without retriever candidates: every user's latest
+    ``prefixes_per_user`` training prefixes (0 = every prefix with a non-empty history), users
+    ascending, latest prefix first, as the retriever stage orders its candidate rows."""
+    from rerank_dist.data.splits import train_prefix_lens
+
+    users: list[int] = []
+    prefix_lens: list[int] = []
+    targets: list[int] = []
+    for user in sorted(sequences):
+        seq = sequences[user]
+        for p in train_prefix_lens(len(seq), prefixes_per_user):
+            users.append(int(user))
+            prefix_lens.append(p)
+            targets.append(int(seq[p]))
+    n = len(users)
+    return (np.asarray(users, np.int64), np.asarray(prefix_lens, np.int64), np.asarray(targets, np.int64),
+            np.zeros((n, 0), np.int64), np.zeros((n, 0)))
+
+
+def plan_rows(arrays: tuple[np.ndarray, ...], split: str, cfg: PromptConfig, k: int,
+              permutation: int = 0) -> RowPlan:
+    """The split's rows after prompt.train_targets and max_train_examples, with each target's slot."""
+    users, prefix_lens, targets, retrieved, scores = arrays
+    has_candidates = retrieved.shape[1] > 0
+    found = (retrieved == targets[:, None]) if has_candidates else np.zeros((len(users), 0), bool)  # (N, K)
+    left_out = 0
+    if split == "train" and cfg.train_targets == "retrieved":
+        keep = found.any(1) if has_candidates else np.zeros(len(users), bool)
+        if not keep.any():
+            raise ExamplesError(f"prompt.train_targets=retrieved: the retriever found none of the {len(users)} "
+                                f"training targets; use train_targets=all")
+        left_out = int((~keep).sum())
+        users, prefix_lens, targets, retrieved, scores, found = (
+            a[keep] for a in (users, prefix_lens, targets, retrieved, scores, found))
+    # The prior of missed training targets' slots counts all training rows, before the subset.
+    prior = (np.ones(k) + found.sum(0)) if has_candidates and found.shape[1] == k else np.ones(k)
     cap = cfg.max_train_examples
-    if split == "train" and 0 < cap < len(rows):
-        keep = np.sort(np.random.default_rng([int(cfg.seed), _SUBSET]).choice(len(rows), size=cap, replace=False))
-        rows = [rows[i] for i in keep]
-    return rows
+    if split == "train" and 0 < cap < len(users):
+        keep_idx = np.sort(np.random.default_rng([int(cfg.seed), _SUBSET]).choice(len(users), size=cap, replace=False))
+        users, prefix_lens, targets, retrieved, scores, found = (
+            a[keep_idx] for a in (users, prefix_lens, targets, retrieved, scores, found))
+    order = cfg.train_order if split == "train" else cfg.eval_order
+    slots = np.full(len(users), -1, np.int64)
+    # Training always shows the target; evaluation only when the retriever found it.
+    shown = np.ones(len(users), bool) if split == "train" else found.any(1) if has_candidates else np.zeros(len(users), bool)
+    if permutation:
+        pass  # another seeded order of the same candidates: no slot is imposed
+    elif order == "shuffled":
+        j = np.cumsum(shown) - 1  # the j-th example that shows its target
+        slots[shown] = balanced_slots(cfg.seed, j[shown], k)
+    elif split == "train" and cfg.negatives == "retriever" and has_candidates:
+        missed = ~found.any(1)
+        quota = quota_slots(prior / prior.sum(), int(missed.sum()), np.random.default_rng([int(cfg.seed), _SLOT]))
+        slots[missed] = quota[::-1]  # the first missed row takes the last slot drawn, as a stack pops them
+    return RowPlan(users, prefix_lens, targets, retrieved, scores, slots, left_out)
 
 
-def found_slot_prior(rows: list, k: int) -> np.ndarray:
+def found_slot_prior(targets: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
     """(k,) probability of each retriever slot holding the target, given the retriever found it.
 
-    Counted over ``rows`` (user, prefix_len, target, retrieved, scores) and add-one smoothed, so a
-    slot no row happens to show still gets some answers.
+    ``targets`` (N,), ``retrieved`` (N, k); add-one smoothed, so a slot no row happens to show still
+    gets some answers.
     """
-    counts = np.ones(k)
-    for _, _, target, retrieved, _ in rows:
-        if target in retrieved[:k]:
-            counts[retrieved.index(target)] += 1
+    counts = np.ones(retrieved.shape[1]) + (retrieved == np.asarray(targets)[:, None]).sum(0)  # (k,)
     return counts / counts.sum()
 
 
@@ -156,95 +246,190 @@ def quota_slots(prior: np.ndarray, n: int, rng: np.random.Generator) -> list[int
     return [int(s) for s in rng.permutation(np.repeat(np.arange(len(prior)), counts))]
 
 
+@dataclass
+class _Draft:
+    """An example before its prompt is rendered."""
+
+    example: Example
+    history: list[int]
+    target_retrieved: bool  # True also where there are no retriever candidates to miss it
+
+
+def _draft(plan: RowPlan, i: int, dataset: Any, cfg: PromptConfig, k: int, split: str, num_items: int,
+           order: str, permutation: int) -> _Draft:
+    user, prefix_len, target = int(plan.users[i]), int(plan.prefix_lens[i]), int(plan.targets[i])
+    retrieved = [int(c) for c in plan.retrieved[i]]
+    retrieved_scores = [float(x) for x in plan.scores[i]]
+    if retrieved and len(set(retrieved)) != len(retrieved):
+        raise ExamplesError(f"user {user} (prefix_len {prefix_len}): duplicate items among the candidates")
+    history = _history(dataset, user, prefix_len, target)
+    if split == "train":
+        shown = _train_candidates(retrieved, target, history, cfg, num_items, k,
+                                  _rng(cfg.seed, user, prefix_len, _SAMPLE), user)
+    else:
+        shown = list(retrieved)
+    slot = int(plan.slots[i])
+    if permutation:
+        shown = _shuffle(shown, target, None, _rng(cfg.seed, user, prefix_len, _PERMUTATION + permutation))
+    elif order == "shuffled":
+        shown = _shuffle(shown, target, slot if slot >= 0 else None, _rng(cfg.seed, user, prefix_len, _SHUFFLE))
+    elif slot >= 0:  # a training target the retriever missed, at its allotted slot
+        shown.remove(target)
+        shown.insert(slot, target)
+    rank = {item: r for r, item in enumerate(retrieved)}
+    score_of = dict(zip(retrieved, retrieved_scores))
+    example = Example(user=user, prefix_len=prefix_len, split=split, prompt="", candidate_ids=shown,
+                      label_index=shown.index(target) if target in shown else -1,
+                      retriever_positions=[rank.get(c, -1) for c in shown], target=target,
+                      retriever_scores=[score_of.get(c, float("nan")) for c in shown])
+    return _Draft(example, history, not retrieved or target in rank)
+
+
+class ExampleStats:
+    """What shows whether examples are fit to train or evaluate on, counted as they are made (so
+    the counts of several parts add up: see ``merge``)."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+        self.examples = self.missing = self.truncated_prompts = self.dropped = 0
+        self.tokens_sum = self.tokens_max = 0
+        self.label_counts = Counter({label: 0 for label in self.labels})
+
+    def add(self, example: Example, num_tokens: int, history_dropped: int, target_retrieved: bool) -> None:
+        self.examples += 1
+        self.missing += not target_retrieved
+        if example.label_index >= 0:
+            self.label_counts[self.labels[example.label_index]] += 1
+        self.truncated_prompts += history_dropped > 0
+        self.dropped += history_dropped
+        self.tokens_sum += num_tokens
+        self.tokens_max = max(self.tokens_max, num_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "target_missing": self.missing, "label_counts": dict(self.label_counts),
+                "prompts_history_truncated": self.truncated_prompts, "history_titles_dropped": self.dropped,
+                "prompt_tokens_sum": self.tokens_sum, "prompt_tokens_max": self.tokens_max}
+
+    @classmethod
+    def merge(cls, labels: Sequence[str], parts: Sequence[dict[str, Any]]) -> "ExampleStats":
+        total = cls(labels)
+        for part in parts:
+            total.examples += part["examples"]
+            total.missing += part["target_missing"]
+            total.label_counts.update(part["label_counts"])
+            total.truncated_prompts += part["prompts_history_truncated"]
+            total.dropped += part["history_titles_dropped"]
+            total.tokens_sum += part["prompt_tokens_sum"]
+            total.tokens_max = max(total.tokens_max, part["prompt_tokens_max"])
+        return total
+
+    def summary(self, split: str, order: str, cfg: PromptConfig, book_fixes: dict[str, int], titles_truncated: int,
+                rows_left_out: int = 0) -> dict[str, Any]:
+        """The stats as train_summary.json and the doctor read them."""
+        n = self.examples
+        per_label = {label: self.label_counts.get(label, 0) for label in self.labels}
+        low, high = min(per_label.values(), default=0), max(per_label.values(), default=0)
+        stats: dict[str, Any] = {
+            "split": split,
+            "examples": n,
+            "labels": len(self.labels),
+            "order": order,
+            "shuffled": order == "shuffled",
+            # Share of examples whose retriever candidates lacked the target (eval: guaranteed misses).
+            "target_missing": self.missing,
+            "target_missing_rate": round(self.missing / n, 4) if n else 0.0,
+            "label_counts": per_label,
+            # max/min answers per label; None when some label is never the answer.
+            "label_balance_ratio": round(high / low, 3) if low else None,
+            "title_fixes": dict(sorted(book_fixes.items())),
+            "titles_truncated": titles_truncated,
+        }
+        if split == "train":
+            stats["negatives"] = cfg.negatives
+            # retriever/mixed: the target replaced/joined retriever candidates this often; random: n/a.
+            stats["target_insertion_rate"] = stats["target_missing_rate"] if cfg.negatives != "random" else None
+            stats["train_targets"] = cfg.train_targets
+            stats["rows_left_out_target_not_retrieved"] = rows_left_out
+        stats.update(prompts_history_truncated=self.truncated_prompts, history_titles_dropped=self.dropped,
+                     prompt_tokens_max=self.tokens_max,
+                     prompt_tokens_mean=round(self.tokens_sum / n, 1) if n else 0.0)
+        return stats
+
+
+def render_examples(plan: RowPlan, start: int, stop: int, dataset: Any, cfg: PromptConfig, labels: Sequence[str],
+                    tokenizer: Any, book: TitleBook, split: str, num_items: int, stats: ExampleStats,
+                    permutation: int = 0, batch_size: int = 256) -> Iterator[tuple[Example, list[int]]]:
+    """(example, prompt token ids) for rows start..stop-1 of ``plan``, in order.
+
+    Prompts are tokenised in batches (the tokenizer's own threads); a prompt over
+    ``max_prompt_tokens`` is then rendered again with the oldest history titles dropped
+    (``prompts.render_prompt``), so the result is exactly that of rendering each one alone.
+    """
+    labels = list(labels)
+    k = len(labels)
+    order = cfg.train_order if split == "train" else cfg.eval_order
+    if len(plan) and plan.retrieved.shape[1] not in (0, k):
+        i = 0
+        raise ExamplesError(f"user {plan.users[i]} (prefix_len {plan.prefix_lens[i]}): {plan.retrieved.shape[1]} "
+                            f"candidates, expected {k} (one per label)")
+    for lo in range(start, stop, batch_size):
+        drafts = [_draft(plan, i, dataset, cfg, k, split, num_items, order, permutation)
+                  for i in range(lo, min(lo + batch_size, stop))]
+        shown = [[book(c) for c in d.example.candidate_ids] for d in drafts]
+        recent = [[book(h) for h in d.history[-cfg.history_items:]] if cfg.history_items > 0 else [] for d in drafts]
+        texts = [apply_template(cfg.template, format_input(h, c, labels), tokenizer) for h, c in zip(recent, shown)]
+        for d, h, c, text, ids in zip(drafts, recent, shown, texts, encode_prompts(tokenizer, texts)):
+            dropped = 0
+            if len(ids) > cfg.max_prompt_tokens:
+                rendered = render_prompt(tokenizer, cfg, labels, h, c)
+                text, dropped = rendered.text, rendered.history_dropped
+                ids = encode_prompts(tokenizer, [text])[0]
+            d.example.prompt = text
+            stats.add(d.example, len(ids), dropped, d.target_retrieved)
+            yield d.example, ids
+
+
 def build_examples(candidates: Any, dataset: Any, cfg: PromptConfig, labels: Sequence[str], tokenizer: Any,
                    split: str, num_items: int, permutation: int = 0) -> tuple[list[Example], dict[str, Any]]:
-    """Examples for one split and the stats that show whether they are fit to train/evaluate on.
+    """Examples for one split, in memory, and the stats that show whether they are fit to train/evaluate on.
 
     ``candidates``: DataFrame with user, prefix_len, target, candidates (K items, retriever order)
     and, where the retriever stage wrote them, retriever_scores (K floats, same order).
     ``permutation``: 0 = the configured order; p > 0 = the p-th seeded reordering (evaluation only).
     ``dataset``: has ``titles`` (item -> title) and ``sequences`` (user -> items, chronological).
     ``labels``: K labels, e.g. ``config.labels_for(run_cfg)``.
+    Training sets of LlamaRec's size go through ``example_store`` instead, built once on disk.
     """
     if split not in {"train", "val", "test"}:
         raise ExamplesError(f"split: expected train | val | test, got {split!r}")
     if permutation and split == "train":
         raise ExamplesError("permutation: extra display orders are for evaluation prompts, not training")
     labels = list(labels)
-    order = cfg.train_order if split == "train" else cfg.eval_order
+    plan = plan_rows(candidate_arrays(candidates), split, cfg, len(labels), permutation)
     book = TitleBook(dataset.titles, tokenizer, cfg.title_max_tokens)
-    examples: list[Example] = []
-    missing = truncated_prompts = dropped = placed = 0
-    token_counts: list[int] = []
-    all_rows = _rows(candidates, split, cfg)
-    rows_without_target = 0
-    if split == "train" and cfg.train_targets == "retrieved":
-        kept = [row for row in all_rows if row[2] in row[3]]  # row: (user, prefix_len, target, retrieved, scores)
-        rows_without_target = len(all_rows) - len(kept)
-        if not kept:
-            raise ExamplesError(f"prompt.train_targets=retrieved: the retriever found none of the {len(all_rows)} "
-                                f"training targets; use train_targets=all")
-        all_rows = kept
-    rows = _subsample(all_rows, split, cfg)
-    # Slots for the training targets the retriever missed, under retriever order: allotted from
-    # where it puts the targets it finds (so training's answer positions match evaluation's).
-    missed_slots: list[int] = []
-    if split == "train" and order == "retriever" and cfg.negatives == "retriever" and not permutation:
-        n_missed = sum(t not in r for _, _, t, r, _ in rows)
-        missed_slots = quota_slots(found_slot_prior(all_rows, len(labels)), n_missed,
-                                   np.random.default_rng([int(cfg.seed), _SLOT]))
-    for user, prefix_len, target, retrieved, retrieved_scores in rows:
-        if len(retrieved) != len(labels):
-            raise ExamplesError(f"user {user} (prefix_len {prefix_len}): {len(retrieved)} candidates, "
-                                f"expected {len(labels)} (one per label)")
-        if len(set(retrieved)) != len(retrieved):
-            raise ExamplesError(f"user {user} (prefix_len {prefix_len}): duplicate items among the candidates")
-        history = _history(dataset, user, prefix_len, target)
-        missing += target not in retrieved
-        if split == "train":
-            shown = _train_candidates(retrieved, target, history, cfg, num_items,
-                                         _rng(cfg.seed, user, prefix_len, _SAMPLE), user)
-        else:
-            shown = list(retrieved)
-        if permutation:
-            shown = _shuffle(shown, target, None, _rng(cfg.seed, user, prefix_len, _PERMUTATION + permutation))
-        elif order == "shuffled":
-            slot = _balanced_slot(cfg.seed, placed, len(shown)) if target in shown else None
-            shown = _shuffle(shown, target, slot, _rng(cfg.seed, user, prefix_len, _SHUFFLE))
-            placed += target in shown
-        elif missed_slots and target not in retrieved:
-            shown.remove(target)
-            shown.insert(missed_slots.pop(), target)
-        rank = {item: i for i, item in enumerate(retrieved)}
-        score_of = dict(zip(retrieved, retrieved_scores))
-        rendered = render_prompt(tokenizer, cfg, labels, [book(i) for i in history], [book(i) for i in shown])
-        truncated_prompts += rendered.history_dropped > 0
-        dropped += rendered.history_dropped
-        token_counts.append(rendered.num_tokens)
-        examples.append(Example(user=user, prefix_len=prefix_len, split=split, prompt=rendered.text,
-                                candidate_ids=shown,
-                                label_index=shown.index(target) if target in shown else -1,
-                                retriever_positions=[rank.get(i, -1) for i in shown], target=target,
-                                retriever_scores=[score_of.get(i, float("nan")) for i in shown]))
-    stats = _stats(examples, labels, split, order, cfg, missing, book)
-    if split == "train":
-        stats["train_targets"] = cfg.train_targets
-        stats["rows_left_out_target_not_retrieved"] = rows_without_target
-    stats.update(prompts_history_truncated=truncated_prompts, history_titles_dropped=dropped,
-                 prompt_tokens_max=max(token_counts, default=0),
-                 prompt_tokens_mean=round(float(np.mean(token_counts)), 1) if token_counts else 0.0)
-    return examples, stats
+    stats = ExampleStats(labels)
+    examples = []
+    for example, ids in render_examples(plan, 0, len(plan), dataset, cfg, labels, tokenizer, book, split, num_items,
+                                        stats, permutation):
+        example.input_ids = ids
+        examples.append(example)
+    order = cfg.train_order if split == "train" else cfg.eval_order
+    return examples, stats.summary(split, order, cfg, book.fixes, book.truncated, plan.rows_left_out)
 
 
-def _balanced_slot(seed: int, j: int, k: int) -> int:
-    """Display slot of the target for the j-th example that has one.
+def balanced_slots(seed: int, j: np.ndarray, k: int) -> np.ndarray:
+    """Display slot of the target for the j-th example that shows one, for each j in ``j``.
 
     Slots come from consecutive seeded permutations of range(k), so over any n examples every slot
     is the answer floor(n/k) or ceil(n/k) times: exact balance even for a few hundred examples, where
     an independent shuffle per example would leave some letters answered twice as often as others.
     """
-    block = np.random.default_rng([int(seed), _BALANCE, j // k]).permutation(k)
-    return int(block[j % k])
+    j = np.asarray(j, dtype=np.int64)
+    out = np.empty(len(j), np.int64)
+    for block in np.unique(j // k):
+        here = j // k == block
+        out[here] = np.random.default_rng([int(seed), _BALANCE, int(block)]).permutation(k)[j[here] % k]
+    return out
 
 
 def _shuffle(shown: list[int], target: int, slot: int | None, rng: np.random.Generator) -> list[int]:
@@ -268,34 +453,6 @@ def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]
     return [int(i) for i in seq[:prefix_len]]
 
 
-def _stats(examples: list[Example], labels: list[str], split: str, order: str, cfg: PromptConfig, missing: int,
-           book: TitleBook) -> dict[str, Any]:
-    n = len(examples)
-    counts = Counter(labels[e.label_index] for e in examples if e.label_index >= 0)
-    per_label = {label: counts.get(label, 0) for label in labels}
-    low, high = min(per_label.values(), default=0), max(per_label.values(), default=0)
-    stats: dict[str, Any] = {
-        "split": split,
-        "examples": n,
-        "labels": len(labels),
-        "order": order,
-        "shuffled": order == "shuffled",
-        # Share of examples whose retriever candidates lacked the target (eval: guaranteed misses).
-        "target_missing": missing,
-        "target_missing_rate": round(missing / n, 4) if n else 0.0,
-        "label_counts": per_label,
-        # max/min answers per label; None when some label is never the answer.
-        "label_balance_ratio": round(high / low, 3) if low else None,
-        "title_fixes": dict(sorted(book.fixes.items())),
-        "titles_truncated": book.truncated,
-    }
-    if split == "train":
-        stats["negatives"] = cfg.negatives
-        # retriever/mixed: the target replaced/joined retriever candidates this often; random: n/a.
-        stats["target_insertion_rate"] = stats["target_missing_rate"] if cfg.negatives != "random" else None
-    return stats
-
-
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
     """Prompt token ids per example, tokenised exactly as ``verbalizer.resolve_label_ids`` does.
 
@@ -303,6 +460,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any) -> list[list[
     one and the text lacks it, no EOS. Training and scoring feed exactly these ids, with nothing
     appended, and read the K label tokens' logits at their last position (the answer position).
     Training's loss is the cross-entropy over those K logits, the correct label being the target: no
-    label token is ever fed as input and no EOS is trained.
+    label token is ever fed as input and no EOS is trained. Examples made by ``build_examples``
+    already carry these ids (``input_ids``) and are not tokenised again.
     """
-    return encode_prompts(tokenizer, [e.prompt for e in examples])
+    todo = [e.prompt for e in examples if e.input_ids is None]
+    fresh = iter(encode_prompts(tokenizer, todo))
+    return [list(e.input_ids) if e.input_ids is not None else next(fresh) for e in examples]

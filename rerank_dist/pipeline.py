@@ -34,7 +34,7 @@ STAGE_INPUTS = {
 UPSTREAM = {"prepare": None, "retrieve": "prepare", "train": "retrieve"}
 # Fields that say where things are kept or how a run is watched, not what its outputs are.
 ENVIRONMENT_FIELDS = {"data.download_dir", "model.cache_dir", "model.gguf_fallback", "train.resume",
-                      "train.report_to"}
+                      "train.report_to", "train.examples_dir"}
 MARKER = "stage.json"
 # Train fields that only say how long to run, how often to checkpoint and how to validate: changing
 # them continues the same training run (resume), any other change starts a new one.
@@ -63,7 +63,7 @@ def _recorded(cfg: RunConfig, stage: str) -> dict[str, Any]:
     return read_json(marker) if marker.is_file() else {}
 
 
-def _recorded_key(cfg: RunConfig, stage: str) -> str:
+def recorded_key(cfg: RunConfig, stage: str) -> str:
     """The key a finished stage recorded, or "not run"."""
     return _recorded(cfg, stage).get("key", "not run")
 
@@ -73,7 +73,7 @@ def _stage_key(cfg: RunConfig, stage: str) -> str:
     parts = [json.dumps(_inputs(cfg, stage), sort_keys=True)]
     upstream = UPSTREAM[stage]
     if upstream is not None:
-        parts.append(_recorded_key(cfg, upstream))
+        parts.append(recorded_key(cfg, upstream))
     if stage == "prepare" and cfg.data.source == "local":
         from rerank_dist.data.sources import local_fingerprint
 
@@ -82,7 +82,7 @@ def _stage_key(cfg: RunConfig, stage: str) -> str:
 
 
 def _done(cfg: RunConfig, stage: str) -> bool:
-    return _recorded_key(cfg, stage) == _stage_key(cfg, stage)
+    return recorded_key(cfg, stage) == _stage_key(cfg, stage)
 
 
 def _mark(cfg: RunConfig, stage: str, seconds: float) -> None:
@@ -155,7 +155,7 @@ def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 def _training_run_key(cfg: RunConfig) -> str:
     """What makes two trainings the same run that one may resume: the retriever's candidates and
     every setting except RUN_LENGTH_FIELDS."""
-    payload = {"retrieve": _recorded_key(cfg, "retrieve"),
+    payload = {"retrieve": recorded_key(cfg, "retrieve"),
                **{k: v for k, v in _inputs(cfg, "train").items()
                   if not (k.startswith("train.") and k.split(".", 1)[1] in RUN_LENGTH_FIELDS)}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

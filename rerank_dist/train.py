@@ -45,7 +45,7 @@ from rerank_dist.score import evaluate_scores, score_prompts
 
 @dataclass
 class TrainingData:
-    rows: list[tuple[list[int], int]]  # (prompt token ids, index of the target label) per training example
+    examples: Any                      # example_store.StoredExamples: (prompt token ids, target label index) per row
     stats: dict[str, Any]              # label balance, target insertion rate, prompt lengths
     val_examples: list[Any]            # validation examples (selection of best/ only)
     val_tokens: list[list[int]]
@@ -67,7 +67,7 @@ def train(cfg: RunConfig) -> dict:
     say(f"{describe(accelerator)}; backend {BACKEND_NAMES[tc.backend]}")
 
     tokenizer = load_tokenizer(cfg.model)
-    data = _load_data(cfg, paths, tokenizer, say)
+    data = _load_data(accelerator, cfg, paths, tokenizer, say)
     # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
     model = load_model(cfg.model, training=True, device=accelerator.device, sharded=shards_weights(cfg))
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_model resolved it
@@ -76,7 +76,7 @@ def train(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     # A generator of its own: a DataLoader without one draws its worker seed from the global RNG each
     # time an epoch starts, so a resumed run would shift the LoRA-dropout stream by one draw.
-    loader = DataLoader(data.rows, batch_size=plan.micro_batch_size, shuffle=True, collate_fn=_collate(data.pad_id),
+    loader = DataLoader(data.examples, batch_size=plan.micro_batch_size, shuffle=True, collate_fn=_collate(data.pad_id),
                         generator=torch.Generator().manual_seed(tc.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     held, whole = weights_held(model)  # under zero3 / fsdp about 1/W of the model per process
@@ -103,7 +103,7 @@ def train(cfg: RunConfig) -> dict:
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long, device=accelerator.device)  # (K,)
     num_labels = len(data.verbalizer["labels"])
     num_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3: whole size, not the shard
-    say(f"training: {len(data.rows)} examples, {total_steps} optimizer steps; {plan.describe()}; "
+    say(f"training: {len(data.examples):,} examples, {total_steps} optimizer steps; {plan.describe()}; "
         f"{num_trainable:,} trainable parameters; chance loss ln({num_labels}) = {math.log(num_labels):.3f}")
     say(f"training negatives: {cfg.prompt.negatives}; target inserted into "
         f"{data.stats.get('target_insertion_rate') or 0:.1%} of retriever candidate lists; "
@@ -114,6 +114,7 @@ def train(cfg: RunConfig) -> dict:
 
     # ------------------------------------------------------------------ loop
     started = last_save = last_step_end = time.time()
+    stopped_early = False
     window = torch.zeros(3, device=accelerator.device)  # (loss x examples, examples, tokens) since the last step
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
@@ -171,6 +172,10 @@ def train(cfg: RunConfig) -> dict:
             improved = False
             if state.step % tc.eval_every == 0 or last:
                 improved = _evaluate(accelerator, model, data, cfg, state, paths)
+                # Every process computed the same validation score (gathered), so they agree here.
+                if tc.patience and state.evals_since_best >= tc.patience and not last:
+                    stopped_early = last = True
+                    _log_early_stop(accelerator, paths, state, tc.patience)
 
             # -------------------------------------------------------------- save
             if improved or last or save_by_time or preempted or (tc.save_every and state.step % tc.save_every == 0):
@@ -193,6 +198,8 @@ def train(cfg: RunConfig) -> dict:
     release_backend(accelerator)
 
     summary = _summary(paths, cfg, state, data, started, resume_from, accelerator.device)
+    summary["stopped_by"] = ("early_stopping" if stopped_early else "steps" if state.step >= total_steps
+                             else "max_minutes")
     summary["weights_held_share"] = round(held / whole, 4)  # of the main process
     if accelerator.is_main_process:
         write_json(paths.ranker / "train_summary.json", summary)
@@ -203,16 +210,15 @@ def train(cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------- setup helpers
 
 
-def _load_data(cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> TrainingData:
-    """Training rows and validation examples, with label ids resolved in context and checked."""
+def _load_data(accelerator, cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> TrainingData:
+    """Training examples (the on-disk store) and validation examples, with label ids resolved in context."""
     from rerank_dist.data.prepare import load_dataset
-    from rerank_dist.examples import build_examples, tokenize_examples
+    from rerank_dist.examples import build_examples
     from rerank_dist.verbalizer import describe_label_ids, verify_label_ids
 
     dataset = load_dataset(paths.data)
     labels = labels_for(cfg)
-    train_examples, stats = build_examples(pd.read_parquet(paths.candidates("train")), dataset, cfg.prompt,
-                                           labels, tokenizer, "train", dataset.num_items)
+    examples = _training_examples(accelerator, cfg, paths, dataset, labels, tokenizer, say)
     val_candidates = pd.read_parquet(paths.candidates("val"))
     # Validation users whose target was retrieved: a user whose target is missing scores 0 under
     # every order, so including them only dilutes the comparison (64 users would hold ~13 useful ones).
@@ -226,14 +232,53 @@ def _load_data(cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> Training
     val_examples, _ = build_examples(informative, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
     # The label ids are resolved in context from real prompts and must agree across them: the id the
     # loss trains is then the id the scorer reads.
-    probes = [train_examples[0].prompt, train_examples[-1].prompt, val_examples[0].prompt, val_examples[-1].prompt]
+    probes = [*examples.probes[:1], *examples.probes[-1:], val_examples[0].prompt, val_examples[-1].prompt]
     label_ids = verify_label_ids(tokenizer, probes, labels)
     say(f"label tokens in context: {describe_label_ids(tokenizer, labels, label_ids)}")
     verbalizer = {"labels": labels, "label_ids": label_ids, "label_tokens": tokenizer.convert_ids_to_tokens(label_ids)}
-    rows = [(tokens, ex.label_index) for tokens, ex in zip(tokenize_examples(train_examples, tokenizer), train_examples)]
-    return TrainingData(rows=rows, stats=stats, val_examples=val_examples,
-                        val_tokens=tokenize_examples(val_examples, tokenizer), verbalizer=verbalizer,
+    return TrainingData(examples=examples, stats=examples.stats, val_examples=val_examples,
+                        val_tokens=[e.input_ids for e in val_examples], verbalizer=verbalizer,
                         pad_id=tokenizer.pad_token_id)
+
+
+def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: Any, labels: list[str], tokenizer: Any,
+                       say) -> Any:
+    """The training examples, built once into the run's store (see example_store.py), then mapped.
+
+    A store that is complete is opened as it is (resume, requeue, another process count). Otherwise
+    every process builds its share of the parts still missing, the main process then writes
+    meta.json, and all of them map the same files.
+    """
+    from rerank_dist import example_store as store
+    from rerank_dist.pipeline import recorded_key
+
+    from_candidates = cfg.retriever.train_candidates != "none"
+    source = store.StoreSource(dataset, paths.candidates("train") if from_candidates else None,
+                               cfg.retriever.train_prefixes_per_user)
+    spec = store.store_spec(cfg, recorded_key(cfg, "retrieve" if from_candidates else "prepare"), tokenizer, labels)
+    if store.is_complete(spec):
+        say(f"examples: reusing {spec.directory}")
+    else:
+        if accelerator.is_main_process:
+            store.reset_if_stale(spec, say)
+        accelerator.wait_for_everyone()
+        started = time.time()
+        plan = store.row_plan(source, cfg.prompt, len(labels))
+        todo = store.missing_parts(spec, len(plan))
+        total = len(store.part_ranges(len(plan)))
+        say(f"examples: building {len(plan):,} training examples into {spec.directory}: {len(todo)} of {total} parts "
+            f"to make, shared by {accelerator.num_processes} process(es)")
+        with accelerator.split_between_processes(todo) as mine:
+            for done, part in enumerate(mine, start=1):
+                store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer)
+                say(f"examples: part {part + 1}/{total} written ({done}/{len(mine)} of this process's, "
+                    f"{time.time() - started:.0f} s)")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            store.finish(spec, plan, source, cfg.prompt, labels, tokenizer)
+        accelerator.wait_for_everyone()
+        say(f"examples: {len(plan):,} built in {time.time() - started:.0f} s")
+    return store.StoredExamples(spec.directory)
 
 
 def _collate(pad_id: int):
@@ -317,7 +362,9 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
     base = report["retriever_order"]["all_users"]["ndcg@10"]
     improved = ndcg > state.best_ndcg
     if improved:
-        state.best_ndcg, state.best_step = ndcg, state.step
+        state.best_ndcg, state.best_step, state.evals_since_best = ndcg, state.step, 0
+    else:
+        state.evals_since_best += 1
     accelerator.log({"val/ndcg@10": ndcg, "val/retriever_order_ndcg@10": base}, step=state.step)
     if accelerator.is_main_process:
         append_jsonl(paths.train_log, {"step": state.step, "event": "eval", "val_ndcg@10": ndcg,
@@ -326,6 +373,15 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
         tqdm.write(f"step {state.step:>5}  val NDCG@10 {ndcg:.4f} (retriever order {base:.4f})"
                    f"{'  -> best' if improved else ''}")
     return improved
+
+
+def _log_early_stop(accelerator, paths: RunPaths, state: TrainerState, patience: int) -> None:
+    message = (f"early stopping at step {state.step}: no better validation NDCG@10 in {patience} validations; "
+               f"best {state.best_ndcg:.4f} at step {state.best_step} (best/, what gets scored)")
+    accelerator.print(message)
+    if accelerator.is_main_process:
+        append_jsonl(paths.train_log, {"step": state.step, "event": "early_stop", "best_step": state.best_step,
+                                       "best_val_ndcg@10": state.best_ndcg, "patience": patience})
 
 
 def _save(accelerator, model, optimizer, paths: RunPaths, cfg: RunConfig, verbalizer: dict, state: TrainerState,
@@ -356,7 +412,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
     losses = [r["loss"] for r in records]
     num_labels = len(data.verbalizer["labels"])
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, device)  # model.dtype as this run loaded it
-    return {"steps": state.step, "total_steps": state.total_steps, "examples": len(data.rows),
+    return {"steps": state.step, "total_steps": state.total_steps, "examples": len(data.examples),
             "loss_first_steps": _mean(losses[:5]), "loss_last_steps": _mean(losses[-5:]),
             "chance_loss": math.log(num_labels), "best_val_ndcg@10": state.best_ndcg, "best_step": state.best_step,
             "val_users": len(data.val_examples), "val_users_selection": "target retrieved",

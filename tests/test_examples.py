@@ -133,8 +133,7 @@ def test_missed_targets_follow_the_smoothed_prior_of_all_training_rows(bpe):
             cands = list(row.candidates)
             cands[0], cands[row.target_rank] = cands[row.target_rank], cands[0]
             frame.at[i, "candidates"], frame.at[i, "target_rank"] = cands, 0
-    rows = [(0, 0, int(t), list(c), []) for t, c in zip(frame.target, frame.candidates)]
-    prior = found_slot_prior(rows, K)
+    prior = found_slot_prior(frame.target.to_numpy(), np.array(frame.candidates.tolist()))
     n_found = int((frame.target_rank >= 0).sum())
     assert prior[0] == pytest.approx((n_found + 1) / (n_found + K)) and prior[1] == pytest.approx(1 / (n_found + K))
     examples, stats = build(frame, dataset, bpe, train_order="retriever", max_train_examples=120)
