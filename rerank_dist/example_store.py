@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ from rerank_dist.io import atomic_path, read_json, write_json
 from rerank_dist.prompts import TitleBook
 
 STORE_VERSION = 1
-PART_ROWS = 16_384  # rows per part file: a unit of work small enough to spread over processes and resume
+# Rows per part file: a unit of work small enough to spread over processes and to resume. The
+# environment variable exists for tests, which need several parts from a few dozen rows.
+PART_ROWS = int(os.environ.get("RERANK_DIST_EXAMPLE_PART_ROWS", "16384"))
 META = "meta.json"
 PROBES_PER_PART = 1  # prompts kept as text per part for the verbalizer check (its first row)
 _SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int8()), ("user", pa.int32()),
@@ -74,7 +77,7 @@ def store_spec(cfg: RunConfig, upstream_key: str, tokenizer: Any, labels: Sequen
     examples use its training candidates, else the prepare stage).
     """
     prompt = {f"prompt.{k}": v for k, v in vars(cfg.prompt).items() if k not in _NOT_TRAINING_PROMPT}
-    inputs = {"store_version": STORE_VERSION, "rows_from": _rows_from(cfg), "upstream_key": upstream_key,
+    inputs = {"store_version": STORE_VERSION, "part_rows": PART_ROWS, "rows_from": _rows_from(cfg), "upstream_key": upstream_key,
               "retriever.train_prefixes_per_user": cfg.retriever.train_prefixes_per_user,
               **prompt, "labels": "".join(labels), "model.name_or_path": cfg.model.name_or_path,
               "tokenizer": tokenizer_fingerprint(tokenizer)}

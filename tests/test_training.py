@@ -56,3 +56,34 @@ def test_mixed_precision_comes_from_the_config_not_the_launcher(monkeypatch, fre
     assert accelerator.mixed_precision == configured
     assert notes and launcher in notes[0]  # the disagreement is said, not silently resolved
     assert accelerator.gradient_accumulation_steps == plan_for(cfg, 1).accumulation == 8
+
+
+def test_early_stopping_ends_after_patience_validations_without_improvement_and_keeps_the_best(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "ranker")
+    # A learning rate too small to move any score: after step 1's validation none is better.
+    cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.lr=1e-12", "train.max_steps=12",
+                                 "train.eval_every=1", "train.patience=2", "train.save_every=0"], world_size=1)
+    summary = pipeline.train(cfg)
+    log = [json.loads(line) for line in RunPaths(copy).train_log.read_text().splitlines()]
+    evals = [r for r in log if r.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [1, 2, 3] and [e["best"] for e in evals] == [True, False, False]
+    assert [r for r in log if r.get("event") == "early_stop"] == [
+        {"step": 3, "event": "early_stop", "best_step": 1, "best_val_ndcg@10": evals[0]["val_ndcg@10"], "patience": 2}]
+    assert summary["steps"] == 3 < summary["total_steps"] and summary["stopped_by"] == "early_stopping"
+    assert summary["best_step"] == 1
+    assert json.loads((RunPaths(copy).best / "verbalizer.json").read_text())["step"] == 1  # what gets scored
+
+
+def test_without_patience_the_run_goes_to_its_last_step(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "ranker")
+    cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.lr=1e-12", "train.max_steps=4",
+                                 "train.eval_every=1", "train.save_every=0"], world_size=1)
+    assert cfg.train.patience == 0
+    summary = pipeline.train(cfg)
+    assert summary["steps"] == 4 and summary["stopped_by"] == "steps"
