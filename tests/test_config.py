@@ -153,3 +153,26 @@ def test_the_cpu_recipe_is_the_embedded_default_spelled_out():
               for name, value in dataclasses.asdict(getattr(default, section)).items()
               if dataclasses.asdict(getattr(recipe, section))[name] != value]
     assert recipe.run_dir != default.run_dir and differ == []
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("llamarec_*.yaml")))
+def test_llamarec_recipes_train_on_llamarecs_training_set_with_its_early_stopping(recipe):
+    cfg = load_config(CONFIGS / recipe)
+    # Every prefix of seq[:-2], 19 random negatives outside the history, shown shuffled, no retriever
+    # candidates made for them; validation every 100 steps, patience 20 validations.
+    assert (cfg.retriever.train_prefixes_per_user, cfg.retriever.train_candidates) == (0, "none")
+    assert (cfg.prompt.negatives, cfg.prompt.train_order, cfg.prompt.eval_order) == ("random", "shuffled", "retriever")
+    assert cfg.prompt.max_train_examples == 0 and cfg.retriever.top_k == 20
+    assert (cfg.train.eval_every, cfg.train.patience, cfg.train.eval_users) == (100, 20, 0)
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.epochs, cfg.train.batch_size) == (1e-4, 100, 1, 16)
+
+
+def test_every_prefix_rules_out_a_held_out_retriever_and_random_negatives_need_no_candidates():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["retriever.train_prefixes_per_user=0", "retriever.train_candidates=held_out"])
+    assert "held_out" in str(err.value) and "every prefix" in str(err.value)
+    with pytest.raises(ConfigError, match="train_candidates: none makes no training candidates"):
+        load_config(overrides=["retriever.train_candidates=none", "prompt.negatives=retriever"])
+    ok = load_config(overrides=["retriever.train_prefixes_per_user=0", "retriever.train_candidates=none",
+                                "prompt.negatives=random", "prompt.train_order=shuffled"])
+    assert ok.retriever.train_prefixes_per_user == 0

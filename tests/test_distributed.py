@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -44,9 +46,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(*launch_args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(*launch_args), cwd=REPO, env=_env(), capture_output=True, text=True,
-                            timeout=timeout)
+def _run(*launch_args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(*launch_args), cwd=REPO, env={**_env(), **(env or {})}, capture_output=True,
+                            text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -82,11 +84,19 @@ def test_scoring_on_two_processes_equals_one_process_exactly(trained_run, tmp_pa
 
 
 def test_training_on_two_processes_matches_one_process(trained_run, tmp_path):
-    """Equal global batch (4): 1 process x micro-batch 2 x 2 accumulation against 2 processes x 2 x 1."""
+    """Equal global batch (4): 1 process x micro-batch 2 x 2 accumulation against 2 processes x 2 x 1.
+    The examples store is built afresh in both: in 3 parts of 8 rows, which the 2 processes share."""
     run_dir, overrides = trained_run
     solo, duo = _copy(run_dir, tmp_path / "solo", False), _copy(run_dir, tmp_path / "duo", False)
-    _run("launch", "--nproc-per-node", "1", "train", *overrides, f"run_dir={solo}", *NO_DROPOUT)
-    _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={duo}", *NO_DROPOUT)
+    for copy in (solo, duo):
+        shutil.rmtree(copy / "examples")
+    parts = {"RERANK_DIST_EXAMPLE_PART_ROWS": "8"}
+    _run("launch", "--nproc-per-node", "1", "train", *overrides, f"run_dir={solo}", *NO_DROPOUT, env=parts)
+    built = _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={duo}", *NO_DROPOUT, env=parts)
+    assert "3 of 3 parts to make, shared by 2 process(es)" in built.stdout
+    a, b = ([row for f in sorted((r / "examples" / "train").glob("part-*.arrow"))
+             for row in pa.ipc.open_stream(str(f)).read_all().to_pylist()] for r in (solo, duo))
+    assert len(a) == 24 and a == b  # the same rows in the same order, whoever built which part
     s1, s2 = read_json(solo / "ranker" / "train_summary.json"), read_json(duo / "ranker" / "train_summary.json")
     assert (s1["world_size"], s1["accumulation"]) == (1, 2) and (s2["world_size"], s2["accumulation"]) == (2, 1)
     l1, l2 = _losses(solo), _losses(duo)
@@ -189,7 +199,8 @@ def test_killed_two_process_run_resumes_bit_identical(trained_run, tmp_path):
     assert not (killed / "ranker" / "train_summary.json").exists()
     assert max(_losses(killed)) >= 5
 
-    _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={killed}", *RESUME)
+    restarted = _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={killed}", *RESUME)
+    assert "examples: reusing" in restarted.stdout  # the store the killed run built, not built again
     summary = read_json(killed / "ranker" / "train_summary.json")
     assert summary["world_size"] == 2 and summary["resumed_from"].endswith("step-000004")
     log = [json.loads(line) for line in RunPaths(killed).train_log.read_text().splitlines()]
