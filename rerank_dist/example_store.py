@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from rerank_dist.config import PromptConfig, RunConfig
@@ -70,6 +71,11 @@ class StoreSpec:
         return self.directory / f"part-{part:05d}.json"
 
 
+def default_dir(cfg: RunConfig) -> Path:
+    """The run's store directory: train.examples_dir, else <run_dir>/examples/train."""
+    return Path(cfg.train.examples_dir) if cfg.train.examples_dir else Path(cfg.run_dir) / "examples" / "train"
+
+
 def store_spec(cfg: RunConfig, upstream_key: str, tokenizer: Any, labels: Sequence[str]) -> StoreSpec:
     """Where the run's training examples live and what they are made from.
 
@@ -81,9 +87,7 @@ def store_spec(cfg: RunConfig, upstream_key: str, tokenizer: Any, labels: Sequen
               "retriever.train_prefixes_per_user": cfg.retriever.train_prefixes_per_user,
               **prompt, "labels": "".join(labels), "model.name_or_path": cfg.model.name_or_path,
               "tokenizer": tokenizer_fingerprint(tokenizer)}
-    given = cfg.train.examples_dir
-    directory = Path(given) if given else Path(cfg.run_dir) / "examples" / "train"
-    return StoreSpec(directory, inputs, bool(given))
+    return StoreSpec(default_dir(cfg), inputs, bool(cfg.train.examples_dir))
 
 
 def _rows_from(cfg: RunConfig) -> str:
@@ -268,6 +272,17 @@ class StoredExamples:
     def rows(self, indices: Sequence[int]) -> dict[str, Any]:
         """Every column of some rows, as Python values (for inspection and tests)."""
         return self.data.with_format(None)[list(map(int, indices))] if len(indices) else {}
+
+    def candidates(self, max_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(targets (n,), shown candidates (n, K)) of every row, or of ``max_rows`` evenly spaced rows,
+        read column-wise from the mapped files."""
+        table = self.data.with_format("arrow")
+        if max_rows and len(self) > max_rows:
+            table = table.select(np.linspace(0, len(self) - 1, max_rows).astype(int).tolist())
+        table = table[:]  # pyarrow.Table
+        targets = table.column("target").to_numpy()
+        flat = table.column("candidate_ids").combine_chunks().flatten().to_numpy()
+        return targets, flat.reshape(len(targets), -1)
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -239,10 +239,26 @@ def plant_random_negatives(run: Path, overrides: list[str]) -> None:
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["prompt"]["negatives"] = "random"
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rebuild_examples_store(run)
     path = RunPaths(run).ranker / "train_summary.json"
     summary = read_json(path)
     summary["train_prompt_stats"].update(negatives="random", target_insertion_rate=None)
     write_json(path, summary)
+
+
+def rebuild_examples_store(run: Path) -> None:
+    """The run's examples store made again from its (changed) config.yaml, as its train stage would."""
+    from rerank_dist import example_store
+    from rerank_dist.config import labels_for, load_config
+    from rerank_dist.data.prepare import load_dataset
+    from rerank_dist.modeling import load_tokenizer
+    from tests.test_example_store import build_all
+
+    cfg = load_config(run / "config.yaml", [f"run_dir={run}"], world_size=1)
+    shutil.rmtree(example_store.default_dir(cfg))
+    source = example_store.StoreSource(load_dataset(RunPaths(run).data), RunPaths(run).candidates("train"),
+                                       cfg.retriever.train_prefixes_per_user)
+    build_all(cfg, source, load_tokenizer(cfg.model), labels=labels_for(cfg))
 
 
 def plant_label_ids_off_by_one(run: Path, overrides: list[str]) -> None:

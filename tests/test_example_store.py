@@ -40,15 +40,16 @@ def varied_lengths(users=40, seed=1) -> FakeDataset:
     return FakeDataset(dataset.titles, sequences, NUM_ITEMS)
 
 
-def build_all(cfg: RunConfig, source: store.StoreSource, tokenizer, key: str = "k") -> store.StoredExamples:
+def build_all(cfg: RunConfig, source: store.StoreSource, tokenizer, key: str = "k",
+              labels: list[str] = LABELS) -> store.StoredExamples:
     """What the training loop does on one process (train._training_examples)."""
-    spec = store.store_spec(cfg, key, tokenizer, LABELS)
+    spec = store.store_spec(cfg, key, tokenizer, labels)
     if not store.is_complete(spec):
         store.reset_if_stale(spec, print)
-        plan = store.row_plan(source, cfg.prompt, K)
+        plan = store.row_plan(source, cfg.prompt, len(labels))
         for part in store.missing_parts(spec, len(plan)):
-            store.build_part(spec, plan, part, source, cfg.prompt, LABELS, tokenizer)
-        store.finish(spec, plan, source, cfg.prompt, LABELS, tokenizer)
+            store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer)
+        store.finish(spec, plan, source, cfg.prompt, labels, tokenizer)
     return store.StoredExamples(spec.directory)
 
 

@@ -57,11 +57,23 @@ def rebuild_split(cfg: RunConfig, paths: RunPaths, split: str, limit: int | None
     return Rebuilt(tokenizer, dataset, labels, examples, tokenize_examples(examples, tokenizer))
 
 
-def training_candidates(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt) -> list[Any]:
-    """The training examples as the train stage builds them (displayed candidates, target)."""
+def training_candidates(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, max_rows: int = 50_000) -> list[Any]:
+    """The training examples' displayed candidates and targets, as the train stage trained on them.
+
+    Read from the run's examples store (at most ``max_rows`` evenly spaced rows: LlamaRec's set has
+    88,444 on ml-latest-small, a million on ML-1M); a run made before the store existed is rebuilt
+    from candidates_train.parquet instead.
+    """
+    from types import SimpleNamespace
+
+    from rerank_dist import example_store
     from rerank_dist.examples import build_examples
 
-    frame = pd.read_parquet(paths.candidates("train"))
+    directory = example_store.default_dir(cfg)
+    if (directory / example_store.META).is_file():
+        targets, shown = example_store.StoredExamples(directory).candidates(max_rows)
+        return [SimpleNamespace(target=int(t), candidate_ids=row.tolist()) for t, row in zip(targets, shown)]
+    frame = pd.read_parquet(paths.candidates("train")).head(max_rows)
     examples, _ = build_examples(frame, rebuilt.dataset, cfg.prompt, rebuilt.labels, rebuilt.tokenizer, "train",
                                  rebuilt.dataset.num_items)
     return examples

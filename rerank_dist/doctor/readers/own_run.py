@@ -327,7 +327,7 @@ def _rebuild(ev: Evidence, cfg: RunConfig, paths: RunPaths, options: OwnRunOptio
     ev.verbalizer.in_context_ids, ev.verbalizer.in_context_error, ev.verbalizer.naive_mismatches = ids, error, naive
     try:
         train_examples = probe.training_candidates(cfg, paths, rebuilt)
-        ev.training = ev.training or TrainingSide(source="retriever/candidates_train.parquet")
+        ev.training = ev.training or TrainingSide(source="examples/train (the training examples store)")
         ev.training.negative_items = [c for e in train_examples for c in e.candidate_ids if c != e.target]
         ev.training.k_counts = Counter(len(e.candidate_ids) for e in train_examples)
     except Exception as err:
