@@ -8,7 +8,7 @@ process's memory does not grow with the number of examples or with the world siz
 
 A store directory (default ``<run_dir>/examples/train``)::
 
-    part-00000.arrow   Arrow IPC stream, rows of one part: input_ids list<int32> (the prompt, ids as
+    part-00000.arrow   Arrow IPC stream, rows of one part: input_ids list<uint16> (int32 for vocabularies over 65,536; the prompt, ids as
                        prompts.encode_prompts gives them), label int8 (index of the target among the
                        shown candidates), user, prefix_len, target int32, candidate_ids list<int32>
     part-00000.json    that part's counts (examples.ExampleStats), written after its rows
@@ -44,7 +44,7 @@ from rerank_dist.config import PromptConfig, RunConfig
 from rerank_dist.examples import (ExampleStats, ExamplesError, RowPlan, candidate_arrays, plan_rows, render_examples,
                                   sequence_arrays)
 from rerank_dist.io import atomic_path, read_json, write_json
-from rerank_dist.prompts import TitleBook
+from rerank_dist.prompts import PromptPieces, TitleBook
 
 STORE_VERSION = 1
 # Rows per part file: a unit of work small enough to spread over processes and to resume. The
@@ -52,8 +52,13 @@ STORE_VERSION = 1
 PART_ROWS = int(os.environ.get("RERANK_DIST_EXAMPLE_PART_ROWS", "16384"))
 META = "meta.json"
 PROBES_PER_PART = 1  # prompts kept as text per part for the verbalizer check (its first row)
-_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int8()), ("user", pa.int32()),
-                     ("prefix_len", pa.int32()), ("target", pa.int32()), ("candidate_ids", pa.list_(pa.int32()))])
+
+
+def _schema(vocab_size: int) -> pa.Schema:
+    # uint16 token ids where the vocabulary fits (SmolLM2, Llama-2): half the disk and page cache.
+    ids = pa.uint16() if vocab_size <= 2**16 else pa.int32()
+    return pa.schema([("input_ids", pa.list_(ids)), ("label", pa.int8()), ("user", pa.int32()),
+                      ("prefix_len", pa.int32()), ("target", pa.int32()), ("candidate_ids", pa.list_(pa.int32()))])
 # Prompt fields that do not change a training example.
 _NOT_TRAINING_PROMPT = {"eval_order"}
 
@@ -190,35 +195,49 @@ def row_plan(source: StoreSource, cfg: PromptConfig, num_labels: int) -> RowPlan
     return plan_rows(arrays, "train", cfg, num_labels)
 
 
-def build_part(spec: StoreSpec, plan: RowPlan, part: int, source: StoreSource, cfg: PromptConfig,
-               labels: Sequence[str], tokenizer: Any, batch_rows: int = 1024) -> None:
-    """Write one part's rows (temp file, then rename) and then its stats file."""
-    start, stop = part_ranges(len(plan))[part]
+def prompt_pieces(source: StoreSource, cfg: PromptConfig, labels: Sequence[str], tokenizer: Any) -> Any:
+    """The titles and their prompt pieces, tokenised once per process for all the parts it builds."""
     book = TitleBook(source.dataset.titles, tokenizer, cfg.title_max_tokens)
+    pieces = PromptPieces.build(tokenizer, cfg, labels, book)
+    if pieces is not None:
+        pieces.prepare(list(source.dataset.titles))
+    return book, pieces
+
+
+def build_part(spec: StoreSpec, plan: RowPlan, part: int, source: StoreSource, cfg: PromptConfig,
+               labels: Sequence[str], tokenizer: Any, titles: Any = None, batch_rows: int = 1024) -> None:
+    """Write one part's rows (temp file, then rename) and then its stats file.
+
+    ``titles``: ``prompt_pieces(...)`` of this process, to reuse across parts (made here if None).
+    """
+    start, stop = part_ranges(len(plan))[part]
+    book, pieces = titles if titles is not None else prompt_pieces(source, cfg, labels, tokenizer)
     stats = ExampleStats(labels)
     probes: list[str] = []
-    columns: dict[str, list] = {name: [] for name in _SCHEMA.names}
+    schema = _schema(len(tokenizer))
+    columns: dict[str, list] = {name: [] for name in schema.names}
     with atomic_path(spec.part_path(part)) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for example, ids in render_examples(plan, start, stop, source.dataset, cfg, labels, tokenizer, book,
-                                                "train", source.dataset.num_items, stats):
+                                                "train", source.dataset.num_items, stats, with_text=False,
+                                                pieces=pieces):
                 if len(probes) < PROBES_PER_PART:
-                    probes.append(example.prompt)
+                    probes.append(example.prompt)  # the first row's: always rendered
                 for name, value in (("input_ids", ids), ("label", example.label_index), ("user", example.user),
                                     ("prefix_len", example.prefix_len), ("target", example.target),
                                     ("candidate_ids", example.candidate_ids)):
                     columns[name].append(value)
                 if len(columns["label"]) >= batch_rows:
-                    _write_batch(writer, columns)
+                    _write_batch(writer, schema, columns)
             if columns["label"]:
-                _write_batch(writer, columns)
+                _write_batch(writer, schema, columns)
     write_json(spec.part_stats_path(part), {"part": part, "rows": [start, stop], "stats": stats.to_dict(),
                                             "probes": probes})
 
 
-def _write_batch(writer: pa.ipc.RecordBatchStreamWriter, columns: dict[str, list]) -> None:
+def _write_batch(writer: pa.ipc.RecordBatchStreamWriter, schema: pa.Schema, columns: dict[str, list]) -> None:
     writer.write_batch(pa.record_batch([pa.array(columns[name], type=field.type) for name, field in
-                                        zip(_SCHEMA.names, _SCHEMA)], schema=_SCHEMA))
+                                        zip(schema.names, schema)], schema=schema))
     for values in columns.values():
         values.clear()
 

@@ -46,8 +46,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rerank_dist.config import PromptConfig
-from rerank_dist.prompts import (PromptError, TitleBook, apply_template, encode_prompts, format_input,
-                                 render_prompt)
+from rerank_dist.prompts import (PromptError, PromptPieces, TitleBook, apply_template, encode_prompts,
+                                 format_input, render_prompt)
 
 # Salts keep the shuffling and sampling streams of one example independent.
 _SHUFFLE, _SAMPLE, _SUBSET, _BALANCE, _SLOT = 1, 2, 3, 4, 5
@@ -76,16 +76,21 @@ def _rng(seed: int, user: int, prefix_len: int, salt: int) -> np.random.Generato
     return np.random.default_rng([int(seed), int(user), int(prefix_len), salt])
 
 
-def _sample_random(rng: np.random.Generator, num_items: int, exclude: set[int], n: int, user: int) -> list[int]:
-    """n distinct items from 1..num_items, none in ``exclude``."""
-    free = num_items - sum(1 for i in exclude if 1 <= i <= num_items)
+def _sample_random(rng: np.random.Generator, num_items: int, history: "_History", extra: set[int], n: int,
+                   user: int) -> list[int]:
+    """n distinct items from 1..num_items, none in the history nor in ``extra``.
+
+    Membership in the history is a lookup (``_History``), so the cost does not grow with its length.
+    """
+    outside = {i for i in extra if 1 <= i <= num_items and i not in history}
+    free = num_items - history.distinct - len(outside)
     if free < n:
         raise ExamplesError(f"user {user}: only {free} items outside the history for {n} random negatives")
     out: list[int] = []
-    seen = set(exclude)
+    seen = set(extra)
     while len(out) < n:
         for x in rng.integers(1, num_items + 1, size=2 * (n - len(out)) + 8).tolist():
-            if x not in seen:
+            if x not in seen and x not in history:
                 seen.add(x)
                 out.append(x)
                 if len(out) == n:
@@ -93,7 +98,55 @@ def _sample_random(rng: np.random.Generator, num_items: int, exclude: set[int], 
     return out
 
 
-def _train_candidates(retrieved: list[int], target: int, history: Sequence[int], cfg: PromptConfig, num_items: int,
+class _History:
+    """``sequences[user][:prefix_len]`` as the examples use it: membership, distinct count, the last items.
+
+    Built from per-user tables (the first position of each item, the count of distinct items before
+    each position) made once per user, so an example costs the same whatever its history's length;
+    LlamaRec's every-prefix set would otherwise copy each history again for each of its prefixes.
+    """
+
+    def __init__(self, seq: Sequence[int], first_position: dict[int, int], distinct_before: Sequence[int],
+                 prefix_len: int):
+        self.seq, self.first_position, self.prefix_len = seq, first_position, prefix_len
+        self.distinct = int(distinct_before[prefix_len])
+
+    def __contains__(self, item: int) -> bool:
+        return self.first_position.get(item, self.prefix_len) < self.prefix_len
+
+    def last(self, n: int) -> list[int]:
+        return [int(i) for i in self.seq[max(0, self.prefix_len - n): self.prefix_len]] if n > 0 else []
+
+
+class _Histories:
+    """``_History`` of any (user, prefix_len); keeps the tables of the last user asked (rows come grouped by user)."""
+
+    def __init__(self, sequences: Any):
+        self.sequences = sequences
+        self._user: int | None = None
+
+    def of(self, user: int, prefix_len: int, target: int) -> _History:
+        if user != self._user:
+            seq = self.sequences.get(user)
+            if seq is None:
+                raise ExamplesError(f"user {user}: not in the dataset's sequences")
+            self._seq = seq
+            self._first: dict[int, int] = {}
+            self._distinct = [0]
+            for position, item in enumerate(seq):
+                self._first.setdefault(int(item), position)
+                self._distinct.append(len(self._first))
+            self._user = user
+        seq = self._seq
+        if not 0 <= prefix_len < len(seq):
+            raise ExamplesError(f"user {user}: prefix_len {prefix_len} is outside a sequence of {len(seq)} items")
+        if int(seq[prefix_len]) != target:
+            raise ExamplesError(f"user {user}: target {target} is not sequences[user][{prefix_len}] "
+                                f"({int(seq[prefix_len])}); candidates and dataset disagree")
+        return _History(seq, self._first, self._distinct, prefix_len)
+
+
+def _train_candidates(retrieved: list[int], target: int, history: _History, cfg: PromptConfig, num_items: int,
                       k: int, rng: np.random.Generator, user: int) -> list[int]:
     """k candidates for one training example, in retriever order where they come from the retriever.
 
@@ -106,9 +159,8 @@ def _train_candidates(retrieved: list[int], target: int, history: Sequence[int],
                             f"candidates, and there are none (retriever.train_candidates=none); use negatives=random")
     if cfg.negatives == "retriever":
         return retrieved[:-1] + [target] if missing else list(retrieved)
-    exclude = set(history) | {target}
     if cfg.negatives == "random":
-        return [target] + _sample_random(rng, num_items, exclude, k - 1, user)
+        return [target] + _sample_random(rng, num_items, history, {target}, k - 1, user)
     if cfg.negatives == "mixed":
         n_random = int(round(cfg.mixed_random_fraction * (k - 1)))
         hard = set([c for c in retrieved if c != target][: k - 1 - n_random])
@@ -116,7 +168,7 @@ def _train_candidates(retrieved: list[int], target: int, history: Sequence[int],
         kept = [c for c in retrieved if c == target or c in hard]
         if missing:
             kept.append(target)
-        return kept + _sample_random(rng, num_items, exclude | hard, n_random, user)
+        return kept + _sample_random(rng, num_items, history, {target} | hard, n_random, user)
     raise ExamplesError(f"prompt.negatives: expected retriever | random | mixed, got {cfg.negatives!r}")
 
 
@@ -168,21 +220,19 @@ def candidate_arrays(candidates: Any) -> tuple[np.ndarray, ...]:
 def sequence_arrays(sequences: Any, prefixes_per_user: int) -> tuple[np.ndarray, ...]:
     """The training rows of ``sequences`` without retriever candidates: every user's latest
     ``prefixes_per_user`` training prefixes (0 = every prefix with a non-empty history), users
-    ascending, latest prefix first, as the retriever stage orders its candidate rows."""
-    from rerank_dist.data.splits import train_prefix_lens
-
-    users: list[int] = []
-    prefix_lens: list[int] = []
-    targets: list[int] = []
-    for user in sorted(sequences):
-        seq = sequences[user]
-        for p in train_prefix_lens(len(seq), prefixes_per_user):
-            users.append(int(user))
-            prefix_lens.append(p)
-            targets.append(int(seq[p]))
-    n = len(users)
-    return (np.asarray(users, np.int64), np.asarray(prefix_lens, np.int64), np.asarray(targets, np.int64),
-            np.zeros((n, 0), np.int64), np.zeros((n, 0)))
+    ascending, latest prefix first, as the retriever stage orders its candidate rows
+    (``data.splits.train_prefix_lens``). Built with array operations: ML-1M has a million rows."""
+    users = np.array(sorted(sequences), dtype=np.int64)
+    lengths = np.array([len(sequences[u]) for u in users], dtype=np.int64)
+    latest = lengths - 3                                           # (U,) the latest training prefix_len
+    count = np.clip(latest if prefixes_per_user <= 0 else np.minimum(latest, prefixes_per_user), 0, None)  # (U,)
+    row_users = np.repeat(users, count)                            # (N,)
+    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)  # 0, 1, ... per user
+    prefix_lens = np.repeat(latest, count) - within                # (N,) latest first, down to 1
+    targets = np.fromiter((sequences[int(u)][int(p)] for u, p in zip(row_users, prefix_lens)), np.int64,
+                          count=len(row_users))
+    n = len(row_users)
+    return row_users, prefix_lens, targets, np.zeros((n, 0), np.int64), np.zeros((n, 0))
 
 
 def plan_rows(arrays: tuple[np.ndarray, ...], split: str, cfg: PromptConfig, k: int,
@@ -251,18 +301,18 @@ class _Draft:
     """An example before its prompt is rendered."""
 
     example: Example
-    history: list[int]
+    history: list[int]  # the last prompt.history_items items of the history, oldest first
     target_retrieved: bool  # True also where there are no retriever candidates to miss it
 
 
-def _draft(plan: RowPlan, i: int, dataset: Any, cfg: PromptConfig, k: int, split: str, num_items: int,
+def _draft(plan: RowPlan, i: int, histories: _Histories, cfg: PromptConfig, k: int, split: str, num_items: int,
            order: str, permutation: int) -> _Draft:
     user, prefix_len, target = int(plan.users[i]), int(plan.prefix_lens[i]), int(plan.targets[i])
     retrieved = [int(c) for c in plan.retrieved[i]]
     retrieved_scores = [float(x) for x in plan.scores[i]]
     if retrieved and len(set(retrieved)) != len(retrieved):
         raise ExamplesError(f"user {user} (prefix_len {prefix_len}): duplicate items among the candidates")
-    history = _history(dataset, user, prefix_len, target)
+    history = histories.of(user, prefix_len, target)
     if split == "train":
         shown = _train_candidates(retrieved, target, history, cfg, num_items, k,
                                   _rng(cfg.seed, user, prefix_len, _SAMPLE), user)
@@ -282,7 +332,7 @@ def _draft(plan: RowPlan, i: int, dataset: Any, cfg: PromptConfig, k: int, split
                       label_index=shown.index(target) if target in shown else -1,
                       retriever_positions=[rank.get(c, -1) for c in shown], target=target,
                       retriever_scores=[score_of.get(c, float("nan")) for c in shown])
-    return _Draft(example, history, not retrieved or target in rank)
+    return _Draft(example, history.last(cfg.history_items), not retrieved or target in rank)
 
 
 class ExampleStats:
@@ -358,30 +408,51 @@ class ExampleStats:
 
 def render_examples(plan: RowPlan, start: int, stop: int, dataset: Any, cfg: PromptConfig, labels: Sequence[str],
                     tokenizer: Any, book: TitleBook, split: str, num_items: int, stats: ExampleStats,
-                    permutation: int = 0, batch_size: int = 256) -> Iterator[tuple[Example, list[int]]]:
+                    permutation: int = 0, batch_size: int = 256, with_text: bool = True,
+                    pieces: PromptPieces | None | bool = True) -> Iterator[tuple[Example, list[int]]]:
     """(example, prompt token ids) for rows start..stop-1 of ``plan``, in order.
 
-    Prompts are tokenised in batches (the tokenizer's own threads); a prompt over
-    ``max_prompt_tokens`` is then rendered again with the oldest history titles dropped
-    (``prompts.render_prompt``), so the result is exactly that of rendering each one alone.
+    The ids are exactly ``prompts.encode_prompts`` of the rendered text. They are joined from
+    pre-tokenised pieces where the tokenizer allows (``prompts.PromptPieces``; the first row is also
+    tokenised whole, and a mismatch turns the pieces off), else tokenised in batches; a prompt over
+    ``max_prompt_tokens`` is rendered again with the oldest history titles dropped
+    (``prompts.render_prompt``). ``with_text=False`` leaves ``Example.prompt`` empty where the ids
+    came from pieces, but for the first row (a store of a million examples keeps ids, not text).
+    ``pieces``: True = made here; a ``PromptPieces`` made for this book (reused across calls); None = none.
     """
     labels = list(labels)
     k = len(labels)
     order = cfg.train_order if split == "train" else cfg.eval_order
     if len(plan) and plan.retrieved.shape[1] not in (0, k):
-        i = 0
-        raise ExamplesError(f"user {plan.users[i]} (prefix_len {plan.prefix_lens[i]}): {plan.retrieved.shape[1]} "
+        raise ExamplesError(f"user {plan.users[0]} (prefix_len {plan.prefix_lens[0]}): {plan.retrieved.shape[1]} "
                             f"candidates, expected {k} (one per label)")
+    histories = _Histories(dataset.sequences)
+    if pieces is True:
+        pieces = PromptPieces.build(tokenizer, cfg, labels, book)
+
+    def text_of(d: _Draft) -> str:
+        return apply_template(cfg.template, format_input([book(h) for h in d.history],
+                                                         [book(c) for c in d.example.candidate_ids], labels), tokenizer)
+
     for lo in range(start, stop, batch_size):
-        drafts = [_draft(plan, i, dataset, cfg, k, split, num_items, order, permutation)
+        drafts = [_draft(plan, i, histories, cfg, k, split, num_items, order, permutation)
                   for i in range(lo, min(lo + batch_size, stop))]
-        shown = [[book(c) for c in d.example.candidate_ids] for d in drafts]
-        recent = [[book(h) for h in d.history[-cfg.history_items:]] if cfg.history_items > 0 else [] for d in drafts]
-        texts = [apply_template(cfg.template, format_input(h, c, labels), tokenizer) for h, c in zip(recent, shown)]
-        for d, h, c, text, ids in zip(drafts, recent, shown, texts, encode_prompts(tokenizer, texts)):
+        ids_list = [pieces.encode(d.history, d.example.candidate_ids) if pieces else None for d in drafts]
+        # The first row always gets its text: it is the check on the pieces, and a probe for the verbalizer.
+        texts = [text_of(d) if with_text or ids is None or (lo == start and j == 0) else ""
+                 for j, (d, ids) in enumerate(zip(drafts, ids_list))]
+        if pieces is not None and lo == start and ids_list and ids_list[0] is not None:
+            if ids_list[0] != encode_prompts(tokenizer, [texts[0]])[0]:
+                pieces, ids_list = None, [None] * len(drafts)  # never trust pieces that disagree
+                texts = [t or text_of(d) for t, d in zip(texts, drafts)]
+        whole = [i for i, ids in enumerate(ids_list) if ids is None]
+        for i, ids in zip(whole, encode_prompts(tokenizer, [texts[i] for i in whole])):
+            ids_list[i] = ids
+        for d, text, ids in zip(drafts, texts, ids_list):
             dropped = 0
             if len(ids) > cfg.max_prompt_tokens:
-                rendered = render_prompt(tokenizer, cfg, labels, h, c)
+                rendered = render_prompt(tokenizer, cfg, labels, [book(h) for h in d.history],
+                                         [book(c) for c in d.example.candidate_ids])
                 text, dropped = rendered.text, rendered.history_dropped
                 ids = encode_prompts(tokenizer, [text])[0]
             d.example.prompt = text
@@ -425,11 +496,11 @@ def balanced_slots(seed: int, j: np.ndarray, k: int) -> np.ndarray:
     an independent shuffle per example would leave some letters answered twice as often as others.
     """
     j = np.asarray(j, dtype=np.int64)
-    out = np.empty(len(j), np.int64)
-    for block in np.unique(j // k):
-        here = j // k == block
-        out[here] = np.random.default_rng([int(seed), _BALANCE, int(block)]).permutation(k)[j[here] % k]
-    return out
+    if not len(j):
+        return np.zeros(0, np.int64)
+    blocks = np.arange(int(j.max()) // k + 1)
+    table = np.stack([np.random.default_rng([int(seed), _BALANCE, int(b)]).permutation(k) for b in blocks])  # (B, k)
+    return table[j // k, j % k]
 
 
 def _shuffle(shown: list[int], target: int, slot: int | None, rng: np.random.Generator) -> list[int]:
@@ -440,17 +511,6 @@ def _shuffle(shown: list[int], target: int, slot: int | None, rng: np.random.Gen
     order.remove(target)
     order.insert(slot, target)
     return order
-
-
-def _history(dataset: Any, user: int, prefix_len: int, target: int) -> list[int]:
-    seq = dataset.sequences.get(user)
-    if seq is None or not 0 <= prefix_len < len(seq):
-        raise ExamplesError(f"user {user}: prefix_len {prefix_len} is outside a sequence of "
-                            f"{0 if seq is None else len(seq)} items")
-    if int(seq[prefix_len]) != target:
-        raise ExamplesError(f"user {user}: target {target} is not sequences[user][{prefix_len}] "
-                            f"({int(seq[prefix_len])}); candidates and dataset disagree")
-    return [int(i) for i in seq[:prefix_len]]
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:

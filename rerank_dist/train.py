@@ -269,8 +269,9 @@ def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: An
         say(f"examples: building {len(plan):,} training examples into {spec.directory}: {len(todo)} of {total} parts "
             f"to make, shared by {accelerator.num_processes} process(es)")
         with accelerator.split_between_processes(todo) as mine:
+            titles = store.prompt_pieces(source, cfg.prompt, labels, tokenizer) if mine else None
             for done, part in enumerate(mine, start=1):
-                store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer)
+                store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer, titles)
                 say(f"examples: part {part + 1}/{total} written ({done}/{len(mine)} of this process's, "
                     f"{time.time() - started:.0f} s)")
         accelerator.wait_for_everyone()

@@ -126,3 +126,27 @@ def test_render_uses_config_namespace(bpe):
     # Any object with the PromptConfig fields works (the stages pass the loaded config section).
     cfg = SimpleNamespace(template="alpaca_short", history_items=20, max_prompt_tokens=1536, title_max_tokens=32)
     assert render_prompt(bpe, cfg, ["A", "B"], HISTORY, CANDIDATES).text.endswith("### Response:\n")
+
+
+def test_prompt_pieces_join_to_the_whole_prompts_ids_or_are_not_used(bpe, spm):
+    from rerank_dist.config import LABEL_SETS, PromptConfig
+    from rerank_dist.prompts import PromptPieces, TitleBook, encode_prompts, render_prompt
+    from tests.tiny_tokenizers import TITLES
+
+    labels = LABEL_SETS["letters"][:20]
+    cfg = PromptConfig(history_items=5)
+    titles = {i: t for i, t in enumerate(TITLES + ["(B) Evil (2001)", "Two\nLines", "2001: A Space Odyssey"], 1)}
+    used = {}
+    for name, tok in (("bpe", bpe), ("spm", spm)):
+        book = TitleBook(titles, tok, cfg.title_max_tokens)
+        pieces = PromptPieces.build(tok, cfg, labels, book)
+        used[name] = pieces is not None
+        if pieces is None:
+            continue
+        for history, shown in (([1, 2, 3], list(range(30, 50))), ([], list(range(len(titles) - 19, len(titles) + 1))),
+                               ([56, 57, 58, 4, 5], list(range(1, 21)))):
+            text = render_prompt(tok, cfg, labels, [book(i) for i in history], [book(i) for i in shown]).text
+            assert pieces.encode(history, shown) == encode_prompts(tok, [text])[0], (name, history)
+    # Byte-level BPE (SmolLM2, Qwen) splits at the pieces' edges; the SentencePiece-like tokenizer marks
+    # word starts, so its pieces would not join, and it must not be given any.
+    assert used == {"bpe": True, "spm": False}
