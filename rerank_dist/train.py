@@ -257,28 +257,30 @@ def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: An
                                cfg.retriever.train_prefixes_per_user)
     spec = store.store_spec(cfg, recorded_key(cfg, "retrieve" if from_candidates else "prepare"), tokenizer, labels)
     if store.is_complete(spec):
-        say(f"examples: reusing {spec.directory}")
-    else:
-        if accelerator.is_main_process:
-            store.reset_if_stale(spec, say)
-        accelerator.wait_for_everyone()
-        started = time.time()
-        plan = store.row_plan(source, cfg.prompt, len(labels))
-        todo = store.missing_parts(spec, len(plan))
-        total = len(store.part_ranges(len(plan)))
-        say(f"examples: building {len(plan):,} training examples into {spec.directory}: {len(todo)} of {total} parts "
-            f"to make, shared by {accelerator.num_processes} process(es)")
-        with accelerator.split_between_processes(todo) as mine:
-            titles = store.prompt_pieces(source, cfg.prompt, labels, tokenizer) if mine else None
-            for done, part in enumerate(mine, start=1):
-                store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer, titles)
-                say(f"examples: part {part + 1}/{total} written ({done}/{len(mine)} of this process's, "
-                    f"{time.time() - started:.0f} s)")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            store.finish(spec, plan, source, cfg.prompt, labels, tokenizer)
-        accelerator.wait_for_everyone()
-        say(f"examples: {len(plan):,} built in {time.time() - started:.0f} s")
+        opened = time.time()
+        examples = store.StoredExamples(spec.directory)
+        say(f"examples: reusing {spec.directory} ({len(examples):,} rows, opened in {time.time() - opened:.2f} s)")
+        return examples
+    if accelerator.is_main_process:
+        store.reset_if_stale(spec, say)
+    accelerator.wait_for_everyone()
+    started = time.time()
+    plan = store.row_plan(source, cfg.prompt, len(labels))
+    todo = store.missing_parts(spec, len(plan))
+    total = len(store.part_ranges(len(plan)))
+    say(f"examples: building {len(plan):,} training examples into {spec.directory}: {len(todo)} of {total} parts "
+        f"to make, shared by {accelerator.num_processes} process(es)")
+    with accelerator.split_between_processes(todo) as mine:
+        titles = store.prompt_pieces(source, cfg.prompt, labels, tokenizer) if mine else None
+        for done, part in enumerate(mine, start=1):
+            store.build_part(spec, plan, part, source, cfg.prompt, labels, tokenizer, titles)
+            say(f"examples: part {part + 1}/{total} written ({done}/{len(mine)} of this process's, "
+                f"{time.time() - started:.0f} s)")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        store.finish(spec, plan, source, cfg.prompt, labels, tokenizer)
+    accelerator.wait_for_everyone()
+    say(f"examples: {len(plan):,} built in {time.time() - started:.0f} s")
     return store.StoredExamples(spec.directory)
 
 
