@@ -47,6 +47,8 @@ def run_retriever_stage(cfg: RetrieverConfig, dataset: Any, out_dir: Path,
         train_split_model, metrics["training_held_out"] = _trained_model(cfg, dataset, out_dir / HELD_OUT_DIR,
                                                                          log, held_out)
     for split in SPLITS:
+        if split == "train" and cfg.train_candidates == "none":
+            continue  # random negatives (LlamaRec) use no retriever candidates for the training prefixes
         source = train_split_model if split == "train" else model
         frame = generate_candidates(source, dataset.sequences, split, cfg.top_k, cfg.max_len,
                                     cfg.train_prefixes_per_user)
