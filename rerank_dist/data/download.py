@@ -10,7 +10,6 @@ pinned (and whatever else the caller verifies) before renaming the file into pla
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
