@@ -11,7 +11,9 @@ from rerank_dist.data import DataError
 from rerank_dist.io import JsonlError
 from rerank_dist.model_source import ModelSourceError
 from rerank_dist.prompts import PromptError
+from rerank_dist.run_lock import RunLockError
 from rerank_dist.verbalizer import VerbalizerError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelSourceError, PromptError,
-                                                 VerbalizerError, JsonlError, FileNotFoundError)
+                                                 VerbalizerError, JsonlError, RunLockError,
+                                                 FileNotFoundError)
