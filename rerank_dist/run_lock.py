@@ -50,13 +50,26 @@ class RunLockError(RuntimeError):
     """Another live writer holds the run directory (one-line message naming it)."""
 
 
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RunLockError(f"environment variable {name}={value!r}: expected a number of seconds > 0")
+    return seconds
+
+
 def heartbeat_s() -> float:
-    return float(os.environ.get(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S))
+    return _seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
 
 
 def stale_s() -> float:
     """A heartbeat older than this means its holder is gone: 4 missed beats unless set."""
-    return float(os.environ.get(STALE_ENV, 4 * heartbeat_s()))
+    return _seconds(STALE_ENV, 4 * heartbeat_s())
 
 
 def is_main_process() -> bool:
@@ -99,6 +112,7 @@ def writer_lock(run_dir: str | Path, stage: str, say: Callable[[str], None] = pr
     if not is_main_process():
         yield
         return
+    heartbeat_s(), stale_s()  # a bad setting fails here, not later in the heartbeat thread
     run_dir = Path(run_dir)
     created = None if run_dir.exists() else run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,10 @@ def test_a_stage_leaves_no_lock_behind(tmp_path):
     run = tmp_path / "run"
     assert main(["prepare", f"run_dir={run}"]) == 0
     assert (run / "data").is_dir() and not (run / LOCK_NAME).exists()
+
+
+def test_a_bad_timing_variable_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RERANK_DIST_LOCK_STALE_S", "soon")
+    with pytest.raises(RunLockError, match=r"^environment variable RERANK_DIST_LOCK_STALE_S='soon': expected"):
+        with writer_lock(tmp_path / "run", "train"):
+            pass
