@@ -494,7 +494,8 @@ def test_training_prompts_in_each_layout_show_all_their_candidates(tmp_path, lay
 def test_a_stray_lettered_line_neither_adds_a_candidate_nor_hides_the_pool(tmp_path):
     from rerank_dist.doctor.readers.tables import _letters_in
 
-    prompt = ("Rules: A. answer with one letter\nB) nothing else\n"
-              + _llamarec_prompt(["Toy Story (1995)"], POOL))
-    assert "Rules: A. answer" in prompt  # precondition: a lettered line outside the pool, before it
+    prompt = ("Rules:\nA. answer with one letter\nB) nothing else\n"
+              + _llamarec_prompt(["Toy Story (1995)", "Mission: (A) Plan"], ["Alien: A. Story", *POOL[1:]]))
+    assert "\nA. answer" in prompt  # precondition: lettered lines outside the pool, before it
+    assert "(A) Alien: A. Story \n (B) Fargo" in prompt  # and a title in the pool that looks like an option
     assert _letters_in(prompt) == list("ABCDE")
