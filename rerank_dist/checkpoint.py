@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rerank_dist.io import atomic_dir, read_json, write_json
+from rerank_dist.io import atomic_dir, atomic_write_text, read_json, read_jsonl, write_json
 from rerank_dist.paths import RunPaths
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -126,11 +126,16 @@ def reconcile_run(paths: RunPaths, state: TrainerState | None) -> list[str]:
     step = state.step if state is not None else 0
     changes = []
     if paths.train_log.is_file():
-        lines = [ln for ln in paths.train_log.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            paths.train_log.write_text("".join(ln + "\n" for ln in kept))
-            changes.append(f"dropped {len(lines) - len(kept)} log line(s) after step {step}")
+        records, cut = read_jsonl(paths.train_log)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if cut or len(kept) != len(records):
+            # Rewritten whole (atomically): a cut line left in place would merge with the next append.
+            atomic_write_text(paths.train_log, "".join(json.dumps(r) + "\n" for r in kept))
+        if cut:
+            changes.append(f"dropped the cut last line (line {cut}) of {paths.train_log.name}: "
+                           f"the previous run was killed while writing it")
+        if len(kept) != len(records):
+            changes.append(f"dropped {len(records) - len(kept)} log line(s) after step {step}")
     best_step = state.best_step if state is not None else 0
     on_disk = best_step_on_disk(paths.best)
     if on_disk == best_step or (on_disk is None and not best_step):

@@ -38,7 +38,7 @@ class ColumnsConfig:
     user: str = _f("user_id", "column (RecBole: field) holding the user id")
     item: str = _f("item_id", "column holding the item id, in the interactions and in the titles table")
     timestamp: str = _f("timestamp", "column holding the interaction time: numbers or date-times; '' = the file's row order is the time order")
-    title: str = _f("title", "column holding the item title: in the titles table, or in the interactions table when there is none")
+    title: str = _f("title", "column holding the item title: in the titles table, or in the interactions table when there is none (recbole, left at title: RecBole's movie_title is found too)")
     titles_item: str = _f("", "item id column of a separate titles table ('' = the same name as item)")
 
 

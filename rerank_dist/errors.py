@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from rerank_dist.config import ConfigError
 from rerank_dist.data import DataError
+from rerank_dist.io import JsonlError
 from rerank_dist.model_source import ModelSourceError
 from rerank_dist.prompts import PromptError
+from rerank_dist.run_lock import RunLockError
 from rerank_dist.verbalizer import VerbalizerError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelSourceError, PromptError,
-                                                 VerbalizerError, FileNotFoundError)
+                                                 VerbalizerError, JsonlError, RunLockError,
+                                                 FileNotFoundError)

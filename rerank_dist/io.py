@@ -1,7 +1,8 @@
 """Atomic file writes: a killed run never leaves a half-written file that a later stage trusts.
 
 Everything is written to a temporary name in the destination directory and renamed into place
-(``os.replace`` is atomic on POSIX within one filesystem).
+(``os.replace`` is atomic on POSIX within one filesystem). The one exception is an append-only
+JSON Lines log (``append_jsonl``), whose last line a kill can cut: ``read_jsonl`` is its one reader.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 
 def _umask() -> int:
@@ -93,6 +94,42 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+class JsonlError(ValueError):
+    """A JSON Lines file damaged before its last line (which only a kill can cut)."""
+
+
+class JsonlRecords(NamedTuple):
+    records: list[dict[str, Any]]
+    cut_line: int  # 1-based number of a last line left unfinished by a killed writer (dropped); 0 if none
+
+
+def read_jsonl(path: str | Path) -> JsonlRecords:
+    """Every line of a JSON Lines file as a dict (blank lines skipped).
+
+    A writer killed during ``append_jsonl`` leaves an unfinished last line: it is dropped, and its
+    number returned for the caller to report. Any earlier line that is not a JSON object cannot come
+    from a kill, so it raises JsonlError naming the file and the line rather than being skipped.
+    """
+    # Bytes, split by hand: a cut can fall inside a multibyte character, which read_text would refuse.
+    lines = [(n, raw) for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1) if raw.strip()]
+    records: list[dict[str, Any]] = []
+    for i, (number, raw) in enumerate(lines):
+        try:
+            record = json.loads(raw)
+            problem = "" if isinstance(record, dict) else f"got a JSON {type(record).__name__}"
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not problem:
+            records.append(record)
+        elif i == len(lines) - 1:
+            return JsonlRecords(records, number)
+        else:
+            shown = raw[:60].decode("utf-8", "replace")
+            raise JsonlError(f"{path}: line {number}: expected a JSON object, got {shown!r} ({problem}); only the "
+                             f"last line can be cut by a killed run, so the file is damaged: repair or remove that line")
+    return JsonlRecords(records, 0)
 
 
 def sha256_file(path: Path) -> str:

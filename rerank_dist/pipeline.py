@@ -6,6 +6,10 @@ A stage's inputs are the config sections it depends on (less the fields that onl
 caches live or how often to save), the key of the stage before it (so a stage that is redone makes
 every later one redo too) and, for data.source=local, the raw files' contents.
 
+Every stage that writes the run directory holds its writer's lock while it runs (``run_lock.py``):
+a second writer on the same directory is refused, naming the first; ``run`` holds it once for all
+its stages.
+
 ``run`` redoes whatever its config changed, in order. A stage run on its own never does that: it
 reads what earlier stages wrote, so it refuses to start when those outputs were made with other
 settings, naming each field and both values (``check_upstream``).
@@ -14,6 +18,7 @@ settings, naming each field and both values (``check_upstream``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -24,6 +29,7 @@ from rerank_dist.config import ConfigError, RunConfig, save_config
 from rerank_dist.distributed import process_state
 from rerank_dist.io import read_json, write_json
 from rerank_dist.paths import RunPaths, cache_dir
+from rerank_dist.run_lock import writer_lock
 
 # The config sections each stage's output depends on.
 STAGE_INPUTS = {
@@ -114,12 +120,24 @@ def check_upstream(cfg: RunConfig, stage: str) -> None:
         raise ConfigError("\n".join(f"{p}; {redo}" for p in reversed(problems)))
 
 
+def _writes_run_dir(stage: str) -> Callable:
+    """Run the stage holding the run directory's writer's lock (main process; re-entrant under `run`)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def locked(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
+            with writer_lock(cfg.run_dir, stage, say=log):
+                return fn(cfg, log)
+        return locked
+    return wrap
+
+
 def _record_config(cfg: RunConfig) -> None:
     """The run directory's config.yaml: what a later stage on this run starts from."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
 
+@_writes_run_dir("prepare")
 def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.data.prepare import prepare_data
 
@@ -135,6 +153,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     return meta
 
 
+@_writes_run_dir("retrieve")
 def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.retrieval.stage import run_retriever_stage
@@ -176,6 +195,7 @@ def _set_aside_other_run(cfg: RunConfig, log: Callable[[str], None]) -> None:
     write_json(inputs, {"key": key})
 
 
+@_writes_run_dir("train")
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.train import train as train_loop
 
@@ -197,6 +217,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
+@_writes_run_dir("score")
 def score(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     from rerank_dist.score import score_split
 
@@ -208,6 +229,7 @@ def score(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, dict]
     return results
 
 
+@_writes_run_dir("export")
 def export(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """export/adapter (PEFT) and export/merged (sharded safetensors), written by the main process."""
     from rerank_dist.export import export_run
@@ -222,6 +244,7 @@ def export(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     return manifest
 
 
+@_writes_run_dir("report")
 def report(cfg: RunConfig, log: Callable[[str], None] = print) -> str:
     from rerank_dist.report import write_report
 
@@ -253,6 +276,7 @@ def doctor(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
     return result
 
 
+@_writes_run_dir("run")
 def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
     """Every stage in order. Launched as several processes, data and retriever run on the main
     process first (the others then find them done); training and scoring use every process."""

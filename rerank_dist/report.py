@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rerank_dist.config import RunConfig
-from rerank_dist.io import atomic_path, atomic_write_text, read_json
+from rerank_dist.io import atomic_path, atomic_write_text, read_json, read_jsonl
 from rerank_dist.metrics import is_order_invariant
 from rerank_dist.paths import RunPaths
 
@@ -167,11 +166,12 @@ def _invariant(metric: str, num_candidates: int) -> bool:
         return True
 
 
-def _loss_curve(log_path: Path) -> list[tuple[int, float]]:
+def _loss_curve(log_path: Path) -> tuple[list[tuple[int, float]], int]:
+    """(step, loss) per logged step, and the number of a last line cut by a killed run (0: none)."""
     if not log_path.is_file():
-        return []
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+        return [], 0
+    records, cut = read_jsonl(log_path)
+    return [(r["step"], r["loss"]) for r in records if "loss" in r], cut
 
 
 def _plot(curve: list[tuple[int, float]], chance: float, out: Path) -> None:
@@ -226,10 +226,12 @@ def write_report(cfg: RunConfig, split: str = "test") -> str:
                      f"(last steps); chance ln(K) = {s['chance_loss']:.4f}; {s['steps']} steps, "
                      f"{s['examples']} examples, {s['minutes']} min; best val NDCG@10 {s['best_val_ndcg@10']:.4f} "
                      f"at step {s['best_step']}")
-        curve = _loss_curve(paths.train_log)
+        curve, cut = _loss_curve(paths.train_log)
         if curve:
             _plot(curve, s["chance_loss"], paths.root / "loss.png")
             lines.append("Loss curve: loss.png")
+        if cut:
+            lines.append(f"Note: {paths.train_log.name}: line {cut} was cut by a killed run and is left out")
     lines += _verdict(metrics)
     if not metrics.get("scored_all_users", True):
         lines.append("WARNING: score.max_users limited scoring; these are not all-user numbers.")

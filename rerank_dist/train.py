@@ -14,7 +14,6 @@ sharded validation, who writes what) is here, in ``score.py`` or in ``distribute
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe,
                                      load_checkpoint, peak_memory_gib, release_backend, save_checkpoint,
                                      shards_weights, weights_held)
 from rerank_dist.hardware import resolve_dtype
-from rerank_dist.io import append_jsonl, write_json
+from rerank_dist.io import append_jsonl, read_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad
 from rerank_dist.paths import RunPaths
 from rerank_dist.plan import plan_for
@@ -410,8 +409,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
              resume_from: Path | None, device: torch.device) -> dict:
     """The run as a whole, from the (reconciled) log: every step once, across restarts. Throughput
     leaves out the first step (start-up, memory allocation)."""
-    lines = paths.train_log.read_text().splitlines() if paths.train_log.is_file() else []
-    records = [r for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
+    records = [r for r in (read_jsonl(paths.train_log).records if paths.train_log.is_file() else []) if "loss" in r]
     losses = [r["loss"] for r in records]
     num_labels = len(data.verbalizer["labels"])
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, device)  # model.dtype as this run loaded it

@@ -82,3 +82,36 @@ def test_trainer_state_round_trip_is_plain_json(tmp_path):
     state.write(tmp_path)
     assert json.loads((tmp_path / "trainer_state.json").read_text())["scheduler"]["last_epoch"] == 3
     assert TrainerState.read(tmp_path) == state
+
+
+def _cut_log(paths: RunPaths, steps: list[int]) -> None:
+    """The log of a run killed in the middle of appending its next line."""
+    _log(paths, steps)
+    with open(paths.train_log, "a") as f:
+        f.write('{"step": %d, "loss": 2.9' % (steps[-1] + 1))
+    last = paths.train_log.read_text().splitlines()[-1]
+    try:  # precondition: the last line really is cut
+        json.loads(last)
+        raise AssertionError(f"planted line parses: {last}")
+    except ValueError:
+        pass
+
+
+def test_restart_after_a_kill_mid_append_drops_the_cut_line(tmp_path):
+    paths = RunPaths(tmp_path)
+    four = _checkpoint(paths, 4, best_step=4)
+    publish_best(four, paths.best)
+    _cut_log(paths, [1, 2, 3, 4])
+    changes = reconcile_run(paths, TrainerState.read(four))
+    assert len(changes) == 1 and "cut" in changes[0] and "line 6" in changes[0], changes
+    assert [json.loads(line)["step"] for line in paths.train_log.read_text().splitlines()] == [1, 2, 3, 4, 4]
+    assert paths.train_log.read_text().endswith("\n")
+    assert reconcile_run(paths, TrainerState.read(four)) == []  # consistent now
+
+
+def test_a_fresh_start_after_a_kill_mid_append_clears_the_log(tmp_path):
+    paths = RunPaths(tmp_path)
+    _cut_log(paths, [1, 2])
+    changes = reconcile_run(paths, None)
+    assert paths.train_log.read_text() == ""
+    assert any("cut" in c for c in changes), changes

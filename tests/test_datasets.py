@@ -148,6 +148,16 @@ def write_recbole(root: Path) -> DataConfig:
     return DataConfig(source="local", dataset="custom", format="recbole", raw_dir=str(root))
 
 
+def write_recbole_movielens(root: Path) -> DataConfig:
+    """RecBole's MovieLens atomic files (ml-1m.item): the title field is movie_title, and no column is configured."""
+    root.mkdir(parents=True)
+    (root / "ml-1m.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t4.0\t{t}\n" for u, i, t in interactions()))
+    (root / "ml-1m.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tgenre:token_seq\n"
+                                     + "".join(f"{i}\t{title}\t1999\tDrama\n" for i, title in TITLES.items()))
+    return DataConfig(source="local", dataset="custom", format="recbole", raw_dir=str(root))
+
+
 def write_table_csv(root: Path) -> DataConfig:
     """Interactions and a separate titles table, with other column names and ISO date-times."""
     root.mkdir(parents=True)
@@ -188,6 +198,7 @@ FORMATS = {
     "beauty-2014-literals": (write_beauty, PLAIN_TITLES),
     "games-2018-json": (write_games, PLAIN_TITLES),
     "recbole": (write_recbole, PLAIN_TITLES),
+    "recbole-movielens": (write_recbole_movielens, PLAIN_TITLES),
     "table-csv": (write_table_csv, PLAIN_TITLES),
     "table-parquet": (write_table_parquet, PLAIN_TITLES),
     "table-tsv-gz": (write_table_tsv, PLAIN_TITLES),
@@ -303,6 +314,27 @@ def test_recbole_title_field_in_the_inter_file_and_row_order_as_time(tmp_path):
     ds = load_dataset(tmp_path / "data")
     assert ds.titles == {1: "Item 10", 2: "Item 20", 3: "Item 30"}
     assert ds.sequences[1] == [3, 1, 2]  # file order 30, 10, 20
+
+
+def test_recbole_movie_title_in_the_inter_file_is_found_without_configuration(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    rows = [(u, i) for u in (1, 2, 3) for i in (30, 10, 20)]
+    (root / "x.inter").write_text("user_id:token\titem_id:token\tmovie_title:token_seq\n"
+                                  + "".join(f"{u}\t{i}\tItem {i}\n" for u, i in rows))
+    cfg = DataConfig(source="local", dataset="custom", format="recbole", raw_dir=str(root), min_count=3,
+                     columns=ColumnsConfig(timestamp=""))
+    assert cfg.columns.title == ColumnsConfig().title == "title"  # precondition: the default, absent from the file
+    prepare_data(cfg, tmp_path / "data", tmp_path / "cache", log=quiet)
+    assert load_dataset(tmp_path / "data").titles == {1: "Item 10", 2: "Item 20", 3: "Item 30"}
+
+
+def test_recbole_a_configured_title_field_is_not_replaced_by_a_conventional_one(tmp_path):
+    """data.columns.title set by the user and absent: an error naming it, not a quiet switch to movie_title."""
+    cfg = write_recbole_movielens(tmp_path / "raw")
+    cfg.columns = ColumnsConfig(title="name")
+    _fails(cfg, tmp_path, r"ml-1m.item: no field name \(found item_id:token, movie_title:token_seq, "
+                          r"release_year:token, genre:token_seq\); set data.columns.title")
 
 
 def test_table_csv_with_a_byte_order_mark(tmp_path):
@@ -476,8 +508,8 @@ def test_amazon_malformed(tmp_path, which, content, pattern):
     ("mine.inter", b"\t4.0\t7098", b"\t4.0\tnoon", r"mine.inter: field timestamp, line 2: expected a number like the "
                                                        r"other values, got 'noon.0'"),
     ("mine.inter", b"\t4.0\t", b"\t", r"mine.inter: line 2: expected 4 fields separated by tabs"),
-    ("mine.item", b"title:token_seq", b"name:token_seq",
-     r"mine.item: no field title \(found item_id:token, name:token_seq, price:float\); set data.columns.title"),
+    ("mine.item", b"title:token_seq", b"name:token_seq", r"mine.item: no field title or movie_title \(RecBole's "
+     r"conventional names\) \(found item_id:token, name:token_seq, price:float\); set data.columns.title"),
 ])
 def test_recbole_malformed(tmp_path, member, old, new, pattern):
     cfg = write_recbole(tmp_path / "raw")

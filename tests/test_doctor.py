@@ -427,3 +427,28 @@ def test_capacity_names_adapters_limited_to_the_last_layers():
         assert result.status is Status.WARN
         assert ("in layers 20-29 only" in result.value) is named
         assert ("model.lora_layers: 0" in result.fix) is named
+
+
+def test_the_loss_reader_reports_a_cut_last_line_and_refuses_a_damaged_one(tmp_path):
+    """A last line cut by a killed run is left out with a note; a damaged line before it makes the loss
+    evidence missing, naming the file and line (it is not skipped in silence)."""
+    from rerank_dist.doctor.evidence import Evidence
+    from rerank_dist.doctor.readers.own_run import _loss
+
+    paths = RunPaths(tmp_path)
+    paths.ranker.mkdir(parents=True)
+    full = [json.dumps({"step": s, "loss": 3.0 - s / 10}) for s in (1, 2, 3)]
+    paths.train_log.write_text("\n".join(full) + '\n{"step": 4, "lo')
+    said: list[str] = []
+    ev = Evidence(kind="rerank_dist", root=tmp_path)
+    _loss(ev, paths, said.append)
+    assert ev.loss is not None and list(ev.loss.steps) == [1, 2, 3]
+    assert any("line 4" in m and "cut" in m for m in said), said
+
+    paths.train_log.write_text("\n".join([full[0], '{"step": 2, "lo', full[2]]) + "\n")
+    with pytest.raises(ValueError):  # precondition: line 2 is damaged and not the last
+        json.loads(paths.train_log.read_text().splitlines()[1])
+    ev = Evidence(kind="rerank_dist", root=tmp_path)
+    _loss(ev, paths, said.append)
+    assert ev.loss is None
+    assert str(paths.train_log) in ev.missing["loss"] and "line 2" in ev.missing["loss"], ev.missing

@@ -437,3 +437,65 @@ def test_training_args_are_read_without_running_the_pickle(tmp_path):
     fields = read_training_args(path)
     assert fields["load_best_model_at_end"] is False
     assert not (tmp_path / "executed").exists()
+
+
+# ---------------------------------------------------------------- prompt layouts
+
+POOL = ["Alien (1979)", "Fargo (1996)", "Big (1988)", "Heat (1995)", "Jaws (1975)"]
+
+
+def _llamarec_prompt(history: list[str], pool: list[str]) -> str:
+    """LlamaRec's own layout (alpaca_short around its llm_input_template 'User history: {}; \\n Candidate pool: {}',
+    items joined by ' \\n '): the first candidate follows "Candidate pool:" on the same line."""
+    seq = " \n ".join(f"({i + 1}) {t}" for i, t in enumerate(history))
+    cands = " \n ".join(f"({LETTERS[i]}) {t}" for i, t in enumerate(pool))
+    return ALPACA_SHORT.format(instruction=INSTRUCTION, input=f"User history: {seq}; \n Candidate pool: {cands}")
+
+
+def _ours_prompt(history: list[str], pool: list[str]) -> str:
+    text = ("User history:\n" + "\n".join(f"({i + 1}) {t}" for i, t in enumerate(history))
+            + "\n\nCandidate pool:\n" + "\n".join(f"({LETTERS[i]}) {t}" for i, t in enumerate(pool)))
+    return ALPACA_SHORT.format(instruction=INSTRUCTION, input=text)
+
+
+def _chatml_prompt(history: list[str], pool: list[str]) -> str:
+    """A chat template's rendering (ChatML), the pool inline after its section name as LlamaRec writes it."""
+    user = (f"User history: {'; '.join(history)}\nCandidate pool: "
+            + "\n".join(f"({LETTERS[i]}) {t}" for i, t in enumerate(pool)))
+    return (f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def _llama2_chat_prompt(history: list[str], pool: list[str]) -> str:
+    user = (f"User history: {'; '.join(history)}\n\nCandidate pool: "
+            + " \n ".join(f"({LETTERS[i]}) {t}" for i, t in enumerate(pool)))
+    return f"<s>[INST] <<SYS>>\n{INSTRUCTION}\n<</SYS>>\n\n{user} [/INST] "
+
+
+@pytest.mark.parametrize("layout", [_llamarec_prompt, _ours_prompt, _chatml_prompt, _llama2_chat_prompt])
+def test_training_prompts_in_each_layout_show_all_their_candidates(tmp_path, layout):
+    """5 candidates A-E whatever the layout: candidate_counts and the verbalizer read K and the labels from them."""
+    from rerank_dist.doctor.readers.tables import read_training_file
+
+    rows = [{"prompt": layout(["Toy Story (1995)", "Heat (1995)"], POOL), "completion": LETTERS[j % 5]}
+            for j in range(10)]
+    prompt = rows[0]["prompt"]
+    assert all(f"({c}) {t}" in prompt for c, t in zip("ABCDE", POOL))  # precondition: 5 lettered candidates
+    if layout is _llamarec_prompt:  # precondition: the first one on the section's line, as LlamaRec writes it
+        assert "Candidate pool: (A) Alien" in prompt
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training = read_training_file(path)
+    assert training.labels == list("ABCDE")
+    assert dict(training.side.k_counts) == {5: 10}
+    assert training.side.label_counts == {c: 2 for c in "ABCDE"}
+
+
+def test_a_stray_lettered_line_neither_adds_a_candidate_nor_hides_the_pool(tmp_path):
+    from rerank_dist.doctor.readers.tables import _letters_in
+
+    prompt = ("Rules:\nA. answer with one letter\nB) nothing else\n"
+              + _llamarec_prompt(["Toy Story (1995)", "Mission: (A) Plan"], ["Alien: A. Story", *POOL[1:]]))
+    assert "\nA. answer" in prompt  # precondition: lettered lines outside the pool, before it
+    assert "(A) Alien: A. Story \n (B) Fargo" in prompt  # and a title in the pool that looks like an option
+    assert _letters_in(prompt) == list("ABCDE")

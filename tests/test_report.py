@@ -133,3 +133,24 @@ def test_a_permuted_final_order_is_labelled_with_its_permutations(tmp_path):
     assert "| LLM x 4 permutations **(final)** |" in text
     assert "Verdict: final order (LLM x 4 permutations) vs retriever order: NDCG@10 " in text
     assert "- LLM x 4 permutations - retriever order: NDCG@10 " in text
+
+
+def test_a_training_log_cut_by_a_kill_still_renders_its_curve(tmp_path):
+    """A run killed mid-append leaves a cut last line in train_log.jsonl: the curve is drawn from the
+    complete lines and the report says one was left out."""
+    import json
+
+    run = tmp_path / "run"
+    paths = RunPaths(run)
+    paths.ranker.mkdir(parents=True)
+    write_json(paths.metrics("test"), _old_metrics(_orders()))
+    write_json(paths.ranker / "train_summary.json", {
+        "loss_first_steps": 3.0, "loss_last_steps": 2.0, "chance_loss": 3.0, "steps": 3, "examples": 12,
+        "minutes": 0.1, "best_val_ndcg@10": 0.1, "best_step": 2})
+    paths.train_log.write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 3}) + "\n" for s in (1, 2, 3))
+                               + '{"step": 4, "lo')
+    with pytest.raises(ValueError):  # precondition: the last line is cut
+        json.loads(paths.train_log.read_text().splitlines()[-1])
+    text = write_report(SimpleNamespace(run_dir=str(run)))
+    assert (run / "loss.png").is_file()
+    assert re.search(r"train_log\.jsonl: line 4 .*cut", text), text

@@ -10,7 +10,6 @@ pinned (and whatever else the caller verifies) before renaming the file into pla
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rerank_dist.data import DataError
+from rerank_dist.io import sha256_file  # hashlib.file_digest needs 3.11; 3.10 is the floor
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
@@ -215,11 +215,6 @@ class _Progress:
 
 def _mb(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.1f} MB"
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_file(url: str, dest: Path, sha256: str | None, log: Log,

@@ -193,18 +193,25 @@ def _metadata_record(line: bytes, origin: str, number: int) -> dict[str, Any]:
 
 RECBOLE = CsvLayout(delimiter="\t", quoted=False, header=True)
 _RECBOLE_TYPES = {"token", "token_seq", "float", "float_seq"}
+# The field names RecBole's own atomic files use, by role: tried in order when data.columns leaves the
+# role at its default and that name is not in the file (its MovieLens .item files say movie_title,
+# its Amazon ones title), so RecBole's datasets read without naming any column.
+RECBOLE_FIELDS = {"user": ("user_id",), "item": ("item_id",), "titles_item": ("item_id",),
+                  "timestamp": ("timestamp",), "title": ("title", "movie_title")}
 
 
 def read_recbole(inter: RawFile, item: RawFile | None, columns: ColumnsConfig) -> Tables:
     """``.inter`` (user, item, time fields) and ``.item`` (item, title fields): tab-separated, each
-    header field written ``name:type`` (user_id:token, item_id:token, timestamp:float, title:token_seq)."""
+    header field written ``name:type`` (user_id:token, item_id:token, timestamp:float, title:token_seq).
+    A role left at its default column name is also looked up under RecBole's names (RECBOLE_FIELDS)."""
     fields = _recbole_header(inter)
     wanted = {"user": ("token",), "item": ("token",)}
     if columns.timestamp:
         wanted["timestamp"] = ("float",)
     if item is None:
         wanted["title"] = ("token", "token_seq")
-    names = {role: _recbole_field(inter, fields, getattr(columns, role), role, kinds) for role, kinds in wanted.items()}
+    names = {role: _recbole_field(inter, fields, _recbole_names(columns, role), role, kinds)
+             for role, kinds in wanted.items()}
     kinds = {"user": "id", "item": "id", "timestamp": "time", "title": "str"}
     table = read_csv(inter, RECBOLE, {header: kinds[role] for role, header in names.items()})
     where = csv_where(inter, RECBOLE)
@@ -220,8 +227,8 @@ def read_recbole(inter: RawFile, item: RawFile | None, columns: ColumnsConfig) -
         title_items, titles, stats = titles_from_interactions(items, text(column("title"), inter.origin, "title"))
         return _tables(users, items, stamps, title_items, titles, stats)
     item_fields = _recbole_header(item)
-    item_name = _recbole_field(item, item_fields, columns.titles_item or columns.item, "titles_item", ("token",))
-    title_name = _recbole_field(item, item_fields, columns.title, "title", ("token", "token_seq"))
+    item_name = _recbole_field(item, item_fields, _recbole_names(columns, "titles_item"), "titles_item", ("token",))
+    title_name = _recbole_field(item, item_fields, _recbole_names(columns, "title"), "title", ("token", "token_seq"))
     t = read_csv(item, RECBOLE, {item_name: "id", title_name: "str"})
     item_where = csv_where(item, RECBOLE)
     title_items = ids(t[item_name], item.origin, _plain(item_name), item_where, "field")
@@ -240,11 +247,26 @@ def _recbole_header(raw: RawFile) -> dict[str, tuple[str, str]]:
     return fields
 
 
-def _recbole_field(raw: RawFile, fields: dict[str, tuple[str, str]], name: str, role: str,
+def _recbole_names(columns: ColumnsConfig, role: str) -> tuple[str, ...]:
+    """The field names to look for, in order: the configured one, then (only when the configuration
+    left the role at its default) RecBole's conventional names; a name the user chose is never replaced."""
+    if role == "titles_item":
+        configured = columns.titles_item or columns.item
+        is_default = not columns.titles_item and columns.item == ColumnsConfig().item
+    else:
+        configured = getattr(columns, role)
+        is_default = configured == getattr(ColumnsConfig(), role)
+    conventional = RECBOLE_FIELDS[role] if is_default else ()
+    return tuple(dict.fromkeys((configured, *conventional)))
+
+
+def _recbole_field(raw: RawFile, fields: dict[str, tuple[str, str]], names: tuple[str, ...], role: str,
                    kinds: tuple[str, ...]) -> str:
-    if name not in fields:
+    name = next((n for n in names if n in fields), None)
+    if name is None:
         found = ", ".join(h for h, _ in fields.values())
-        raise DataError(f"{raw.origin}: no field {name} (found {found}); set data.columns.{role} to the field "
+        looked = " or ".join(names) + (" (RecBole's conventional names)" if len(names) > 1 else "")
+        raise DataError(f"{raw.origin}: no field {looked} (found {found}); set data.columns.{role} to the field "
                         f"that holds the {role.replace('titles_', '')}")
     header, kind = fields[name]
     if kind not in kinds:

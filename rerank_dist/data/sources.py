@@ -28,7 +28,8 @@ from rerank_dist.config import DataConfig
 from rerank_dist.data import DataError
 from rerank_dist.data.catalog import CATALOG, NamedDataset, RemoteFile
 # fetch_url is looked up here at each call, so tests can stand in for the network.
-from rerank_dist.data.download import download_file, fetch_url, sha256_file
+from rerank_dist.data.download import download_file, fetch_url
+from rerank_dist.io import sha256_file
 from rerank_dist.data.formats import (
     Tables,
     read_amazon,

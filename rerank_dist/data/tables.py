@@ -25,6 +25,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from rerank_dist.data import DataError
+from rerank_dist.io import sha256_file  # hashlib.file_digest needs 3.11; 3.10 is the floor
 
 # Values longer than this are cut in messages, so an error stays one readable line.
 _SHOWN_CHARS = 60
@@ -65,8 +66,7 @@ class RawFile:
         if self.data is not None:
             return hashlib.sha256(self.data).hexdigest()
         assert self.path is not None
-        with open(self.path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return sha256_file(self.path)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ check that the records are true.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from rerank_dist.doctor.evidence import (CapacityFacts, Curve, Evidence, Protoco
                                          VerbalizerFacts, WeightsLineage)
 from rerank_dist.doctor.readers.common import adapter_weights, metrics_in, parameter_count, parameters_from_name, \
     sha256_file
-from rerank_dist.io import read_json
+from rerank_dist.io import JsonlError, read_json, read_jsonl
 from rerank_dist.metrics import target_ranks
 from rerank_dist.paths import RunPaths
 
@@ -49,17 +48,6 @@ def _config(root: Path) -> RunConfig:
     return cfg
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut by a crash: the rest of the log still counts
-                continue
-    return records
-
-
 def read_own_run(root: Path, options: OwnRunOptions, say: Callable[[str], None] = lambda m: None,
                  cfg: RunConfig | None = None) -> Evidence:
     paths = RunPaths(root)
@@ -69,7 +57,7 @@ def read_own_run(root: Path, options: OwnRunOptions, say: Callable[[str], None] 
     except Exception as err:  # a config that no longer validates still leaves the files to read
         cfg = None
         ev.missing["config"] = f"a readable config.yaml ({str(err).splitlines()[0]})"
-    _loss(ev, paths)
+    _loss(ev, paths, say)
     summary_path = paths.ranker / "train_summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None
     saved_verbalizer = read_json(paths.best / "verbalizer.json") if (paths.best / "verbalizer.json").is_file() else None
@@ -107,12 +95,18 @@ def read_own_run(root: Path, options: OwnRunOptions, say: Callable[[str], None] 
     return ev
 
 
-def _loss(ev: Evidence, paths: RunPaths) -> None:
+def _loss(ev: Evidence, paths: RunPaths, say: Callable[[str], None] = lambda m: None) -> None:
     if not paths.train_log.is_file():
         ev.missing["loss"] = f"{paths.train_log} (run the train stage)"
         ev.missing["validation"] = ev.missing["loss"]
         return
-    records = _read_jsonl(paths.train_log)
+    try:
+        records, cut = read_jsonl(paths.train_log)
+    except JsonlError as err:  # damaged, not cut: the curves it would give cannot be trusted
+        ev.missing["loss"] = ev.missing["validation"] = f"an undamaged training log ({err})"
+        return
+    if cut:  # a kill mid-append: the lines before it still count
+        say(f"note: {paths.train_log}: line {cut} was cut by a killed run; the loss is read from the lines before it")
     losses = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if r.get("event") == "eval" and "val_ndcg@10" in r]
     src = str(paths.train_log)

@@ -120,8 +120,10 @@ def _retriever_rank(frame: pd.DataFrame, cols: dict[str, str], row: int, pos: in
 # ---------------------------------------------------------------- training examples
 
 
-# "(A) title" (LlamaRec) or "A. title" / "A) title" at the start of a line.
-_OPTION = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Z])[.)])\s+\S", re.MULTILINE)
+# "(A) title" (LlamaRec) or "A. title" / "A) title" at the start of a line; and a pool's first option "(A)"
+# right after a section name's colon, as LlamaRec itself writes it ("Candidate pool: (A) title \n (B) title
+# ...") and chat prompts often do (only "(A)" there: a title such as "Alien: A. ..." must not start a pool).
+_OPTION = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Z])[.)])\s+\S|:[ \t]*\((A)\)\s+\S", re.MULTILINE)
 _RESPONSE = re.compile(r"(### Response:\s*\n|Answer:\s*)", re.IGNORECASE)
 
 
@@ -133,7 +135,17 @@ class TrainingFile:
 
 
 def _letters_in(prompt: str) -> list[str]:
-    return [a or b for a, b in _OPTION.findall(prompt)]
+    """The option letters of a prompt's candidate pool: the last run A, B, C, ... among the matches, so
+    that a stray "Note: A. ..." elsewhere neither adds a candidate nor hides the pool."""
+    found = [a or b or c for a, b, c in _OPTION.findall(prompt)]
+    runs: list[list[str]] = []
+    for letter in found:
+        if runs and ord(letter.upper()) == ord(runs[-1][-1].upper()) + 1:
+            runs[-1].append(letter)
+        else:
+            runs.append([letter])
+    from_a = [run for run in runs if run[0].upper() == "A"]
+    return from_a[-1] if from_a else found
 
 
 def _prompt_and_answer(frame: pd.DataFrame, cols: dict[str, str], row: int) -> tuple[str | None, str | None]:
