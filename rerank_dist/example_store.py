@@ -52,6 +52,7 @@ STORE_VERSION = 1
 PART_ROWS = int(os.environ.get("RERANK_DIST_EXAMPLE_PART_ROWS", "16384"))
 META = "meta.json"
 PROBES_PER_PART = 1  # prompts kept as text per part for the verbalizer check (its first row)
+MAX_PROBES = 16  # of which meta.json keeps at most this many
 
 
 def _schema(vocab_size: int) -> pa.Schema:
@@ -255,8 +256,10 @@ def finish(spec: StoreSpec, plan: RowPlan, source: StoreSource, cfg: PromptConfi
         book(item)
     stats = ExampleStats.merge(labels, [m["stats"] for m in part_meta]).summary(
         "train", cfg.train_order, cfg, book.fixes, book.truncated, plan.rows_left_out)
-    meta = {"inputs": spec.inputs, "rows": len(plan), "parts": len(parts), "stats": stats,
-            "probes": [p for m in part_meta for p in m["probes"]]}
+    probes = [p for m in part_meta for p in m["probes"]]
+    if len(probes) > MAX_PROBES:  # evenly spaced, the first and the last part's included
+        probes = [probes[i] for i in sorted({round(j * (len(probes) - 1) / (MAX_PROBES - 1)) for j in range(MAX_PROBES)})]
+    meta = {"inputs": spec.inputs, "rows": len(plan), "parts": len(parts), "stats": stats, "probes": probes}
     write_json(spec.directory / META, meta)
     return meta
 

@@ -148,3 +148,15 @@ def test_a_dataset_too_short_for_any_training_prefix_is_one_clear_line(tmp_path,
     assert "\n" not in str(err.value)
     assert not (Path(cfg.run_dir) / "examples" / "train" / store.META).exists()  # nothing looks finished
 
+
+
+def test_every_part_is_memory_mapped_not_read_into_the_process(tmp_path, bpe):
+    from datasets.table import MemoryMappedTable
+
+    examples = build_all(llamarec_cfg(tmp_path), store.StoreSource(varied_lengths(), None, 0), bpe)
+    table = examples.data.data
+    blocks = [block for row in getattr(table, "blocks", [[table]]) for block in row]
+    assert len(blocks) == examples.meta["parts"] > 1
+    assert all(isinstance(block, MemoryMappedTable) for block in blocks)
+    assert {Path(f["filename"]).name for f in examples.data.cache_files} == \
+        {f"part-{i:05d}.arrow" for i in range(examples.meta["parts"])}
