@@ -411,3 +411,24 @@ def test_capacity_names_adapters_limited_to_the_last_layers():
         assert result.status is Status.WARN
         assert ("in layers 20-29 only" in result.value) is named
         assert ("model.lora_layers: 0" in result.fix) is named
+
+
+def test_a_run_without_training_candidates_is_read(trained_run, tmp_path):
+    """retriever.train_candidates=none makes no candidates_train.parquet: the doctor reads the run, says why
+    the training lists cannot be read back, and names the setting next to the declared random negatives."""
+    from rerank_dist.doctor.readers.own_run import OwnRunOptions, read_own_run
+
+    run_dir, overrides = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    plant_random_negatives(run, overrides)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["retriever"]["train_candidates"] = "none"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    RunPaths(run).candidates("train").unlink()
+    ev = read_own_run(run, OwnRunOptions(model=False))
+    assert "config" not in ev.missing  # precondition: the edited config still validates
+    assert "train_candidates=none" in ev.training.candidate_source_note
+    assert ev.training.negatives_declared == "random"
+    assert "candidates_train.parquet is not made with retriever.train_candidates=none" in ev.missing["negatives"]
+    assert set(ev.split_k) >= {"val", "test"}  # the other splits' counts are still read
