@@ -421,11 +421,16 @@ def test_a_run_without_training_candidates_is_read(trained_run, tmp_path):
     run_dir, overrides = trained_run
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    plant_random_negatives(run, overrides)
     config = yaml.safe_load((run / "config.yaml").read_text())
+    config["prompt"]["negatives"] = "random"
     config["retriever"]["train_candidates"] = "none"
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    summary_path = RunPaths(run).ranker / "train_summary.json"
+    summary = read_json(summary_path)
+    summary["train_prompt_stats"].update(negatives="random", target_insertion_rate=None)
+    write_json(summary_path, summary)
     RunPaths(run).candidates("train").unlink()
+    shutil.rmtree(run / "examples", ignore_errors=True)  # a stored copy of the training lists would be read instead
     ev = read_own_run(run, OwnRunOptions(model=False))
     assert "config" not in ev.missing  # precondition: the edited config still validates
     assert "train_candidates=none" in ev.training.candidate_source_note
