@@ -119,7 +119,7 @@ def _run_stage(stage_name: str, cfg) -> int:
             print(message, flush=True)
 
     try:
-        if stage_name in ("prepare", "retrieve", "report"):
+        if stage_name in ("prepare", "report"):
             # Single-process work: under a launcher the main process does it, the others wait.
             with state.main_process_first():
                 if state.is_main_process:

@@ -1,8 +1,9 @@
 """The one module that builds the Accelerator and owns the training state on disk.
 
 Starting the processes is ``launcher.py`` (torchrun underneath); the training loop and the scorer
-call in here for the Accelerator and for checkpoints. Everything else (data, prompts, modeling,
-metrics) stays free of distributed code.
+call in here for the Accelerator and for checkpoints, the retrieve stage for its share of the
+candidate batches (``ProcessShares``). Everything else (data, prompts, modeling, metrics) stays
+free of distributed code.
 
 The Accelerator is built from the config alone, so one run gives the same numerics with or without
 a launcher: gradient accumulation comes from the batch plan (``plan.py``) and mixed precision from
@@ -22,6 +23,7 @@ the same files under all four.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -31,7 +33,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs,
-                              parse_flag_from_env)
+                              broadcast_object_list, gather_object, parse_flag_from_env)
 
 from rerank_dist.config import SHARDED_BACKENDS, ConfigError, RunConfig
 from rerank_dist.io import publish_dir
@@ -250,6 +252,52 @@ def process_state(backend: str = "ddp") -> PartialState:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.pop("ACCELERATE_USE_CPU", None)
     return PartialState(backend="gloo")
+
+
+class ProcessShares:
+    """Every process of the job sharing a stage's work (the retrieve stage's ``Workers``).
+
+    Built at the same point on every process (it makes a process group, a collective). The stage
+    passes in the list of work units (batch start indices); each process computes a contiguous share
+    (``split_between_processes``) and the main process receives them in process order
+    (``gather_object``), so joining them restores the list's order.
+    """
+
+    # The others wait at a barrier while the main process trains the retriever: longer than a default
+    # process-group timeout (10 min for NCCL) may allow, so the wait has a group of its own.
+    PATIENCE = datetime.timedelta(hours=24)
+
+    def __init__(self, state: PartialState):
+        self.state = state
+        self.is_main_process = state.is_main_process
+        self.num_processes = state.num_processes
+        self._patient = None
+        if state.num_processes > 1:
+            import torch.distributed as dist
+
+            self._patient = dist.new_group(backend="gloo", timeout=self.PATIENCE)
+
+    def wait_for_everyone(self) -> None:
+        if self._patient is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._patient)
+
+    def gather_shares(self, work: list, compute: Callable[[list], Any]) -> list:
+        with self.state.split_between_processes(list(work)) as mine:
+            share = compute(list(mine))
+        shares = gather_object([share])  # [share of process 0, share of process 1, ...] on every process
+        return list(shares) if self.is_main_process else []
+
+
+def main_decides(state: PartialState, value: Any) -> Any:
+    """The main process's value on every process: processes that must take the same branch around a
+    collective (skip a stage or run it) follow one decision, not each its own reading of the disk."""
+    if state.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def describe(accelerator: Accelerator) -> str:

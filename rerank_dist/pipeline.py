@@ -155,19 +155,30 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
 @_writes_run_dir("retrieve")
 def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """On every process of the job: the main one trains the retriever, all of them make candidates
+    (rerank_dist.retrieval.stage). Returns the test metrics (on the main process; {} elsewhere when
+    the stage ran)."""
     from rerank_dist.data.prepare import load_dataset
+    from rerank_dist.distributed import ProcessShares, main_decides
     from rerank_dist.retrieval.stage import run_retriever_stage
 
     paths = RunPaths(Path(cfg.run_dir))
     check_upstream(cfg, "retrieve")
-    if _done(cfg, "retrieve"):
+    state = process_state()
+    # One decision for all: a process that skipped while another ran would leave it waiting in a collective.
+    if main_decides(state, _done(cfg, "retrieve")):
         log(f"[retrieve] up to date: {paths.retriever}")
         return read_json(paths.retriever / "metrics_test.json")
     started = time.time()
-    _record_config(cfg)
-    log(f"[retrieve] training LRURec (budget {cfg.retriever.max_minutes} min) -> {paths.retriever}")
-    metrics = run_retriever_stage(cfg.retriever, load_dataset(paths.data), paths.retriever, log=log)
-    _mark(cfg, "retrieve", time.time() - started)
+    if state.is_main_process:
+        _record_config(cfg)
+    log(f"[retrieve] training LRURec (budget {cfg.retriever.max_minutes} min) on the main process, candidates on "
+        f"{state.num_processes} process(es) -> {paths.retriever}")
+    metrics = run_retriever_stage(cfg.retriever, load_dataset(paths.data), paths.retriever, log=log,
+                                  device=state.device, workers=ProcessShares(state))
+    if state.is_main_process:
+        _mark(cfg, "retrieve", time.time() - started)
+    state.wait_for_everyone()  # the next stage reads the candidates on every process
     return metrics
 
 
@@ -278,15 +289,16 @@ def doctor(cfg: RunConfig, log: Callable[[str], None] = print) -> Any:
 
 @_writes_run_dir("run")
 def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
-    """Every stage in order. Launched as several processes, data and retriever run on the main
-    process first (the others then find them done); training and scoring use every process."""
+    """Every stage in order. Launched as several processes, the data is prepared on the main process
+    first (the others then find it done); the retriever trains on the main process and every process
+    makes its share of the candidates; training and scoring use every process."""
     state = process_state()
     started = time.time()
     if state.is_main_process:
         _record_config(cfg)
     with state.main_process_first():
         prepare(cfg, log)
-        retrieve(cfg, log)
+    retrieve(cfg, log)
     train(cfg, log)
     score(cfg, log)
     if cfg.export.in_run:

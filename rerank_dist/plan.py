@@ -90,22 +90,31 @@ def plan_for(cfg: RunConfig, world_size: int | None = None) -> BatchPlan:
 
 
 def _training_examples(cfg: RunConfig) -> tuple[int | None, str]:
-    """How many training examples the train stage will see, and how that was found (no weights read)."""
+    """How many training examples the train stage will see, and how that was found (no weights read).
+
+    The training candidates file when it is there and has one row per example; otherwise (no file,
+    e.g. retriever.train_candidates=none, or every prefix asked for) counted from the prepared
+    sequences, one example per training prefix (``data.splits.train_prefix_lens``).
+    """
     from rerank_dist.paths import RunPaths
 
     paths = RunPaths(Path(cfg.run_dir))
     cap = cfg.prompt.max_train_examples
-    if paths.candidates("train").is_file():
+    count = cfg.retriever.train_prefixes_per_user
+    candidates = paths.candidates("train")
+    if count > 0 and cfg.retriever.train_candidates != "none" and candidates.is_file():
         import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(paths.candidates("train")).metadata.num_rows
-        return (min(rows, cap) if cap else rows), f"{rows} training prefixes in {paths.candidates('train')}"
+        rows = pq.ParquetFile(candidates).metadata.num_rows
+        return (min(rows, cap) if cap else rows), f"{rows} training prefixes in {candidates}"
     if (paths.data / "meta.json").is_file():
-        from rerank_dist.io import read_json
+        from rerank_dist.data.prepare import load_dataset
+        from rerank_dist.data.splits import train_prefix_lens
 
-        users = int(read_json(paths.data / "meta.json")["num_users"])
-        rows = users * cfg.retriever.train_prefixes_per_user
-        return (min(rows, cap) if cap else rows), f"{users} users x {cfg.retriever.train_prefixes_per_user} prefixes"
+        sequences = load_dataset(paths.data).sequences
+        rows = sum(len(train_prefix_lens(len(seq), count)) for seq in sequences.values())
+        per_user = "every prefix" if count == 0 else f"up to {count} prefixes"
+        return (min(rows, cap) if cap else rows), f"{rows} training prefixes ({len(sequences)} users x {per_user})"
     if cap:
         return cap, "prompt.max_train_examples (at most; the data is not prepared yet)"
     return None, "unknown until the prepare stage has run"

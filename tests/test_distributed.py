@@ -111,6 +111,34 @@ def test_training_on_two_processes_matches_one_process(trained_run, tmp_path):
     assert max(abs(v).max().item() for k, v in w1.items() if "lora_B" in k) > 1e-3  # the adapter really trained
 
 
+# Retriever trained for one short epoch; two training prefixes per user and a held-out retriever, so the
+# training candidates come from a second checkpoint that the other process must load too.
+RETRIEVER = ["retriever.embed_dim=16", "retriever.max_epochs=1", "retriever.max_len=50", "retriever.batch_size=64",
+             "retriever.max_minutes=0", "retriever.train_prefixes_per_user=2", "retriever.train_candidates=held_out"]
+
+
+def test_candidates_on_two_processes_equal_one_process_exactly(tmp_path):
+    """`launch retrieve` on 2 processes: the main one trains, both make candidates from shares of the same
+    fixed batches, the main one writes. Every file equals the 1-process one: rows, order, float scores."""
+    prepared = tmp_path / "prepared"
+    _run("prepare", f"run_dir={prepared}", f"model.cache_dir={tmp_path / 'cache'}", *RETRIEVER)
+    solo, duo = (shutil.copytree(prepared, tmp_path / name) for name in ("solo", "duo"))
+    _run("launch", "--nproc-per-node", "1", "retrieve", f"run_dir={solo}", *RETRIEVER)
+    _run("launch", "--nproc-per-node", "2", "retrieve", f"run_dir={duo}", *RETRIEVER)
+    one, two = (read_json(RunPaths(r).retriever / "metrics_test.json") for r in (solo, duo))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["examples"] == two["examples"] == {"train": 1220, "val": 610, "test": 610}  # 39 and 20 batches of 32
+    assert one["full_catalogue"] == two["full_catalogue"]  # the test ranks, shared the same way
+    for split in ("train", "val", "test"):
+        a, b = (pd.read_parquet(RunPaths(r).candidates(split)) for r in (solo, duo))
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        assert np.array_equal(np.stack(a["retriever_scores"]), np.stack(b["retriever_scores"]))  # bit for bit
+    # The other process loaded both checkpoints the main one trained: the same weights on disk.
+    for sub in ("", "held_out"):
+        w1, w2 = (load_file(RunPaths(r).retriever / sub / "model.safetensors") for r in (solo, duo))
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 # ---------------------------------------------------------------- two nodes on one machine
 
 

@@ -452,3 +452,29 @@ def test_the_loss_reader_reports_a_cut_last_line_and_refuses_a_damaged_one(tmp_p
     _loss(ev, paths, said.append)
     assert ev.loss is None
     assert str(paths.train_log) in ev.missing["loss"] and "line 2" in ev.missing["loss"], ev.missing
+
+
+def test_a_run_without_training_candidates_is_read(trained_run, tmp_path):
+    """retriever.train_candidates=none makes no candidates_train.parquet: the doctor reads the run, says why
+    the training lists cannot be read back, and names the setting next to the declared random negatives."""
+    from rerank_dist.doctor.readers.own_run import OwnRunOptions, read_own_run
+
+    run_dir, overrides = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["prompt"]["negatives"] = "random"
+    config["retriever"]["train_candidates"] = "none"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    summary_path = RunPaths(run).ranker / "train_summary.json"
+    summary = read_json(summary_path)
+    summary["train_prompt_stats"].update(negatives="random", target_insertion_rate=None)
+    write_json(summary_path, summary)
+    RunPaths(run).candidates("train").unlink()
+    shutil.rmtree(run / "examples", ignore_errors=True)  # a stored copy of the training lists would be read instead
+    ev = read_own_run(run, OwnRunOptions(model=False))
+    assert "config" not in ev.missing  # precondition: the edited config still validates
+    assert "train_candidates=none" in ev.training.candidate_source_note
+    assert ev.training.negatives_declared == "random"
+    assert "candidates_train.parquet is not made with retriever.train_candidates=none" in ev.missing["negatives"]
+    assert set(ev.split_k) >= {"val", "test"}  # the other splits' counts are still read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from rerank_dist.cli import main
@@ -117,3 +118,41 @@ def test_cpu_workers_are_told_to_use_the_cpu_backend(monkeypatch):
     env = child_environment(_launch_args("--cpu", "--nproc-per-node", "2", "train"), 2)
     # Without it, accelerate in each torchrun worker sees a world of one (and plain PartialState too).
     assert env["ACCELERATE_USE_CPU"] == "true" and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+def _prepared_run(tmp_path: Path, *overrides: str):
+    """A run whose data is prepared (users with 4, 6 and 9 items) and whose retriever never ran."""
+    from rerank_dist import pipeline
+    from tests.test_data import write_local
+
+    rows = [(u, 100 * u + k, k) for u, n in ((1, 4), (2, 6), (3, 9)) for k in range(n)]
+    root = write_local(tmp_path / "raw", rows, [(m, f"Movie {m} (2000)") for _, m, _ in rows])
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.source=local", f"data.raw_dir={root}",
+                             "data.min_count=1", "prompt.max_train_examples=0", *overrides])
+    pipeline.prepare(cfg, log=lambda _m: None)
+    return cfg
+
+
+def test_training_examples_are_counted_from_the_sequences_without_a_candidates_file(tmp_path):
+    """Every prefix (train_prefixes_per_user=0) or no training candidates (train_candidates=none): the
+    count comes from the prepared sequences, one example per training prefix with a non-empty history."""
+    from rerank_dist.paths import RunPaths
+    from rerank_dist.plan import _training_examples
+
+    cfg = _prepared_run(tmp_path, "retriever.train_prefixes_per_user=0", "retriever.train_candidates=none",
+                        "prompt.negatives=random", "prompt.train_order=shuffled")
+    assert not RunPaths(Path(cfg.run_dir)).candidates("train").exists()  # precondition: no retriever output
+    rows, source = _training_examples(cfg)
+    assert rows == 1 + 3 + 6 and "every prefix" in source  # n - 3 prefixes per user of n items
+    cfg.retriever.train_prefixes_per_user = 2
+    assert _training_examples(cfg)[0] == 1 + 2 + 2
+    cfg.prompt.max_train_examples = 4
+    assert _training_examples(cfg)[0] == 4
+    # A stale candidates file is not read when the config makes none.
+    stale = RunPaths(Path(cfg.run_dir)).candidates("train")
+    stale.parent.mkdir(parents=True)
+    pd.DataFrame({"user": [1]}).to_parquet(stale)
+    cfg.prompt.max_train_examples = 0
+    assert _training_examples(cfg)[0] == 5
+    cfg.retriever.train_candidates = "same"
+    assert _training_examples(cfg) == (1, f"1 training prefixes in {stale}")

@@ -7,6 +7,7 @@ import json
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +27,8 @@ from rerank_dist.retrieval import (
     split_examples,
     train_retriever,
 )
-from rerank_dist.retrieval.scoring import ranks_of_targets
+from rerank_dist.retrieval.candidates import concat_candidates, ranks_on_test_split
+from rerank_dist.retrieval.scoring import batch_starts, masked_catalogue_scores, ranks_of_targets
 from rerank_dist.retrieval.sequences import left_pad, retriever_training_sequences, training_windows, window_batch
 
 NUM_ITEMS = 80
@@ -324,3 +326,74 @@ def test_held_out_retriever_makes_the_training_candidates(tmp_path):
     messages.clear()
     run_retriever_stage(dataclasses.replace(cfg, train_candidates="same"), dataset, tmp_path, log=messages.append)
     assert any("reusing" in m for m in messages) and not any("second retriever" in m for m in messages)
+
+
+def test_train_candidates_none_makes_no_training_file(tmp_path):
+    """train_candidates=none: no training-prefix candidates (a stale file from another setting is removed),
+    the metrics say so, and validation/test candidates are made as always."""
+    dataset = SimpleNamespace(sequences=stride_sequences(num_users=12), num_items=NUM_ITEMS)
+    (tmp_path / "candidates_train.parquet").write_bytes(b"from an earlier train_candidates=same run")
+    messages: list[str] = []
+    metrics = run_retriever_stage(tiny_cfg(max_epochs=1, train_candidates="none"), dataset, tmp_path,
+                                  log=messages.append)
+    assert not (tmp_path / "candidates_train.parquet").exists()
+    assert sorted(p.name for p in tmp_path.glob("candidates_*.parquet")) == ["candidates_test.parquet",
+                                                                             "candidates_val.parquet"]
+    assert metrics["train_candidates"] == "none" and metrics["examples"] == {"train": 0, "val": 12, "test": 12}
+    assert set(metrics["target_in_top_k"]) == {"val", "test"}
+    assert json.loads((tmp_path / "metrics_test.json").read_text())["examples"]["train"] == 0
+    assert not (tmp_path / "held_out").exists() and any("no training candidates" in m for m in messages)
+
+
+# ---------------------------------------------------------------- devices and shared work
+
+
+def test_scoring_runs_on_the_models_device_and_returns_cpu_results():
+    """The meta device stands in for a GPU: a batch left on the CPU would not reach a model there."""
+    model = LRURec(NUM_ITEMS, embed_dim=16, num_blocks=2).to("meta")
+    with pytest.raises(RuntimeError, match="device"):
+        model.last_scores(torch.tensor([[1, 2, 3]]))  # precondition: devices must match
+    scores = list(masked_catalogue_scores(model, [[1, 2, 3], [4, 5]], 8))
+    assert scores[0].device.type == "meta" and scores[0].shape == (2, NUM_ITEMS + 1)
+
+
+def test_stage_puts_the_model_on_the_device_it_chose(tmp_path, monkeypatch):
+    from rerank_dist.retrieval import stage as stage_mod
+
+    seen: dict[str, set] = {"trained_on": set(), "candidates_from": set()}
+    real_train, real_candidates = stage_mod.train_retriever, stage_mod.generate_candidates
+
+    def spy_train(*args, device, **kwargs):
+        model, summary = real_train(*args, device=device, **kwargs)
+        seen["trained_on"].add(str(device))
+        return model, summary
+
+    def spy_candidates(model, *args, **kwargs):
+        seen["candidates_from"].update(str(p.device) for p in model.parameters())
+        return real_candidates(model, *args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "train_retriever", spy_train)
+    monkeypatch.setattr(stage_mod, "generate_candidates", spy_candidates)
+    dataset = SimpleNamespace(sequences=stride_sequences(num_users=12), num_items=NUM_ITEMS)
+    metrics = run_retriever_stage(tiny_cfg(max_epochs=1, train_candidates="same"), dataset, tmp_path, log=quiet,
+                                  device="cpu")
+    assert seen == {"trained_on": {"cpu"}, "candidates_from": {"cpu"}} and metrics["device"] == "cpu"
+    assert metrics["processes"] == 1
+    # A GPU, where there is one, is the stage's default.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stage_mod.default_device() == torch.device("cuda")
+
+
+def test_candidates_of_shared_batches_join_to_the_whole_split_exactly(trained):
+    """What a process computes from its share of the batch starts, joined in order, is the one-process frame."""
+    model, _, sequences, cfg = trained
+    whole = generate_candidates(model, sequences, "train", 5, cfg.max_len, 3, batch_size=8)
+    starts = batch_starts(len(whole), 8)
+    assert len(starts) >= 3  # precondition: several batches to share
+    shares = [generate_candidates(model, sequences, "train", 5, cfg.max_len, 3, 8, starts[a:b])
+              for a, b in ((0, 1), (1, 1), (1, len(starts)))]  # the middle share is empty
+    joined = concat_candidates(shares)
+    pd.testing.assert_frame_equal(joined, whole)
+    assert joined.dtypes.to_dict() == whole.dtypes.to_dict() and shares[1].empty
+    ranks = [ranks_on_test_split(model, sequences, cfg.max_len, 8, s) for s in ([0], [8, 16])]
+    assert np.array_equal(np.concatenate(ranks), ranks_on_test_split(model, sequences, cfg.max_len, 8))

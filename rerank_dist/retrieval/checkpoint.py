@@ -27,7 +27,7 @@ def save_retriever(model: LRURec, cfg: RetrieverConfig, out_dir: str | Path, hel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}  # from any device
     with atomic_path(out_dir / MODEL_FILE) as tmp:
         save_file(state, str(tmp))
     write_json(out_dir / CONFIG_FILE, {"retriever": dataclasses.asdict(cfg), "num_items": model.num_items,

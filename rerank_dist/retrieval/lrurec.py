@@ -50,6 +50,11 @@ class LRURec(nn.Module):
             x = block(x, mask)
         return x[:, -seq_len:]  # (B, L, D)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: callers move their batches here."""
+        return self.bias.device
+
     def scores_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> scores (..., V+1); column 0 is padding and never a valid item."""
         return hidden @ self.embedding.token.weight.T + self.bias

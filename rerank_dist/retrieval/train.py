@@ -91,11 +91,13 @@ def evaluate(model: LRURec, histories: Sequence[Sequence[int]], targets: Sequenc
 
 def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]], num_items: int,
                     log: Callable[[str], None] = print, progress: bool = True,
-                    held_out: int = 2) -> tuple[LRURec, TrainSummary]:
+                    held_out: int = 2, device: str | torch.device = "cpu") -> tuple[LRURec, TrainSummary]:
     """Train from scratch on seq[:-held_out] of every user (default: all but the validation and test
-    targets); return the best-validation model (eval mode). Validation is always seq[-2] from seq[:-2]."""
+    targets); return the best-validation model (eval mode, on `device`). Validation is always seq[-2]
+    from seq[:-2]. device: where the model and its batches live (the stage picks a GPU when present)."""
     seed_everything(cfg.seed)
-    model = LRURec.from_config(cfg, num_items)
+    # Built on the CPU, then moved: the initial weights are the same draw on every device.
+    model = LRURec.from_config(cfg, num_items).to(device)
     optimizer = make_optimizer(model, cfg)
     # The weights that are validated and kept: the running average, or the raw weights themselves.
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
@@ -109,7 +111,7 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
     best_state, bad_validations, start = None, 0, time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     log(f"retriever: {len(windows)} training windows (seq[:-{held_out}]) from {len(sequences)} users, {num_items} items, "
-        f"{len(val_targets)} validation users, budget {cfg.max_minutes:g} min"
+        f"{len(val_targets)} validation users, budget {cfg.max_minutes:g} min, on {torch.device(device)}"
         + (f", validating the weight average (decay {cfg.ema_decay:g})" if averaged is not None else ""))
 
     for epoch in range(1, cfg.max_epochs + 1):
@@ -120,6 +122,7 @@ def train_retriever(cfg: RetrieverConfig, sequences: Mapping[int, Sequence[int]]
         bar = tqdm(batches, desc=f"retriever epoch {epoch}", leave=False, disable=not progress)
         for batch in bar:
             tokens, labels = window_batch([windows[i] for i in batch], cfg.max_len)  # (B, L) each
+            tokens, labels = tokens.to(device), labels.to(device)
             loss = next_item_loss(model, tokens, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -262,7 +262,9 @@ def _training(ev: Evidence, summary: dict | None, cfg: RunConfig | None) -> None
     # Before the target is put into a list that lacks it: comparable with the test lists' hit rate.
     rate = None if negatives == "random" or "target_missing_rate" not in stats else 1.0 - stats["target_missing_rate"]
     note = ""
-    if cfg is not None and negatives != "random":
+    if cfg is not None and cfg.retriever.train_candidates == "none":
+        note = "no retriever candidates for training prefixes (retriever.train_candidates=none)"
+    elif cfg is not None and negatives != "random":
         note = ("held-out retriever" if cfg.retriever.train_candidates == "held_out"
                 else "the retriever trained on these targets (retriever.train_candidates=same)")
     ev.training = TrainingSide(source="ranker/train_summary.json", label_counts=stats.get("label_counts"),
@@ -324,6 +326,8 @@ def _rebuild(ev: Evidence, cfg: RunConfig, paths: RunPaths, options: OwnRunOptio
         ev.training = ev.training or TrainingSide(source="examples/train (the training examples store)")
         ev.training.negative_items = [c for e in train_examples for c in e.candidate_ids if c != e.target]
         ev.training.k_counts = Counter(len(e.candidate_ids) for e in train_examples)
+    except FileNotFoundError as err:
+        ev.missing.setdefault("negatives", _no_training_candidates(cfg, paths, err))
     except Exception as err:
         ev.missing.setdefault("negatives", f"the training candidates ({type(err).__name__}: {err})")
     if not options.model:
@@ -338,3 +342,12 @@ def _rebuild(ev: Evidence, cfg: RunConfig, paths: RunPaths, options: OwnRunOptio
                                      options.sample_users, options.seed, options.device)
     except Exception as err:  # e.g. the backbone cannot be found offline
         ev.missing["probe"] = f"the backbone and adapter loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
+
+
+def _no_training_candidates(cfg: RunConfig, paths: RunPaths, err: FileNotFoundError) -> str:
+    """Why the training lists could not be read back: a run with retriever.train_candidates=none makes no
+    candidates_train.parquet (its training lists were drawn from the sequences), any other lacks a stage."""
+    if cfg.retriever.train_candidates == "none" and not paths.candidates("train").is_file():
+        return (f"the training lists ({paths.candidates('train').name} is not made with "
+                f"retriever.train_candidates=none: the target + random items from the sequences)")
+    return f"the training candidates (FileNotFoundError: {err}; run the retrieve and train stages)"
