@@ -12,13 +12,19 @@ from rerank_dist.config import load_config
 from rerank_dist.paths import RunPaths
 
 
-def test_tensorboard_receives_loss_lr_grad_norm_throughput_and_validation(trained_run, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def _untrained_copy(trained_run, tmp_path):
+    """The session's run copied without its ranker/ (the data, retriever and examples store kept)."""
     run_dir, overrides = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "ranker")
+    return copy, overrides
+
+
+def test_tensorboard_receives_loss_lr_grad_norm_throughput_and_validation(trained_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    copy, overrides = _untrained_copy(trained_run, tmp_path)
     cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.report_to=tensorboard", "train.max_steps=2",
                                  "train.eval_every=2"], world_size=1)
     pipeline.train(cfg)
@@ -59,10 +65,7 @@ def test_mixed_precision_comes_from_the_config_not_the_launcher(monkeypatch, fre
 
 
 def test_early_stopping_ends_after_patience_validations_without_improvement_and_keeps_the_best(trained_run, tmp_path):
-    run_dir, overrides = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "ranker")
+    copy, overrides = _untrained_copy(trained_run, tmp_path)
     # A learning rate too small to move any score: after step 1's validation none is better.
     cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.lr=1e-12", "train.max_steps=12",
                                  "train.eval_every=1", "train.patience=2", "train.save_every=0"], world_size=1)
@@ -78,10 +81,7 @@ def test_early_stopping_ends_after_patience_validations_without_improvement_and_
 
 
 def test_without_patience_the_run_goes_to_its_last_step(trained_run, tmp_path):
-    run_dir, overrides = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "ranker")
+    copy, overrides = _untrained_copy(trained_run, tmp_path)
     cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "train.lr=1e-12", "train.max_steps=4",
                                  "train.eval_every=1", "train.save_every=0"], world_size=1)
     assert cfg.train.patience == 0
