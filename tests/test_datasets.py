@@ -301,32 +301,22 @@ def test_plain_rule_is_vectorised_and_matches_python_whitespace():
     assert cleaned.to_pylist() == ["a b", "x y", "", "", "ok"] and fixed == 3
 
 
-def test_recbole_title_field_in_the_inter_file_and_row_order_as_time(tmp_path):
-    """No .item file: the .inter's title field; data.columns.timestamp='' uses the file's order."""
+@pytest.mark.parametrize("title_field", ["title", "movie_title"])
+def test_recbole_title_field_in_the_inter_file_and_row_order_as_time(tmp_path, title_field):
+    """No .item file: the .inter's title field (RecBole's MovieLens files call it movie_title, found
+    without configuration); data.columns.timestamp='' uses the file's order."""
     root = tmp_path / "raw"
     root.mkdir()
     rows = [(u, i) for u in (1, 2, 3) for i in (30, 10, 20)]
-    (root / "x.inter").write_text("user_id:token\titem_id:token\ttitle:token_seq\n"
+    (root / "x.inter").write_text(f"user_id:token\titem_id:token\t{title_field}:token_seq\n"
                                   + "".join(f"{u}\t{i}\tItem {i}\n" for u, i in rows))
     cfg = DataConfig(source="local", dataset="custom", format="recbole", raw_dir=str(root), min_count=3,
                      columns=ColumnsConfig(timestamp=""))
+    assert cfg.columns.title == ColumnsConfig().title == "title"  # precondition: the default column name
     prepare_data(cfg, tmp_path / "data", tmp_path / "cache", log=quiet)
     ds = load_dataset(tmp_path / "data")
     assert ds.titles == {1: "Item 10", 2: "Item 20", 3: "Item 30"}
     assert ds.sequences[1] == [3, 1, 2]  # file order 30, 10, 20
-
-
-def test_recbole_movie_title_in_the_inter_file_is_found_without_configuration(tmp_path):
-    root = tmp_path / "raw"
-    root.mkdir()
-    rows = [(u, i) for u in (1, 2, 3) for i in (30, 10, 20)]
-    (root / "x.inter").write_text("user_id:token\titem_id:token\tmovie_title:token_seq\n"
-                                  + "".join(f"{u}\t{i}\tItem {i}\n" for u, i in rows))
-    cfg = DataConfig(source="local", dataset="custom", format="recbole", raw_dir=str(root), min_count=3,
-                     columns=ColumnsConfig(timestamp=""))
-    assert cfg.columns.title == ColumnsConfig().title == "title"  # precondition: the default, absent from the file
-    prepare_data(cfg, tmp_path / "data", tmp_path / "cache", log=quiet)
-    assert load_dataset(tmp_path / "data").titles == {1: "Item 10", 2: "Item 20", 3: "Item 30"}
 
 
 def test_recbole_a_configured_title_field_is_not_replaced_by_a_conventional_one(tmp_path):
