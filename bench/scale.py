@@ -147,6 +147,11 @@ def stage_cmd(stage: str, processes: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "rerank_dist.cli", "launch", "--nproc-per-node", str(processes), stage, *args]
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def run_shape(shape: str, processes: int, work: Path, model: Path, keep: bool) -> list[dict]:
     raw = work / shape / "raw"
     if not (raw / "titles.parquet").is_file():
@@ -165,7 +170,7 @@ def run_shape(shape: str, processes: int, work: Path, model: Path, keep: bool) -
         row = {"shape": shape, "processes": processes, "stage": stage, "wall_s": round(result["wall_s"], 1),
                "peak_rss_gb_per_process": round(result["peak_rss_kb"] / 2**20, 3),
                # the machine's 1-minute load average when the stage ended: 2 cores are busy at 2.0
-               "load_1min": round(os.getloadavg()[0], 2)}
+               "load_1min": round(os.getloadavg()[0], 2), "commit": _commit()}
         built = re.search(r"examples: ([\d,]+) built in (\d+) s", text)
         reused = re.search(r"examples: reusing .* \(([\d,]+) rows, opened in ([\d.]+) s\)", text)
         if built:
@@ -208,8 +213,9 @@ def write_results(rows: list[dict], baseline: dict, cpu: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for row in rows:  # only the train stages load the model
-        row["above_model_gb"] = (round(row["peak_rss_gb_per_process"] - baseline["peak_rss_gb_per_process"], 3)
+    for row in rows:  # only the train stages load the model; each row against its own run's baseline
+        row.setdefault("model_only_gb", baseline["peak_rss_gb_per_process"])
+        row["above_model_gb"] = (round(row["peak_rss_gb_per_process"] - row["model_only_gb"], 3)
                                  if row["stage"].startswith("train") else None)
     growth = {}
     for processes in sorted({r["processes"] for r in rows}):
@@ -230,8 +236,10 @@ def write_results(rows: list[dict], baseline: dict, cpu: str) -> None:
              "`python bench/scale.py`: synthetic data shaped like each dataset, LlamaRec's training set (every "
              "prefix, random negatives), a tiny random Llama with SmolLM2-135M's tokenizer, every stage up to the "
              "first optimizer step. Peak RSS is the largest process's; 'above model' subtracts a process that "
-             f"only loads the stack, tokenizer and model ({baseline['peak_rss_gb_per_process']:.2f} GB). 'load' is the "
-             "1-minute load average as the stage ended (other work on the machine slows the wall times).", "",
+             "only loads the stack, tokenizer and model, measured in the same invocation (`model_only_gb` in the JSON; "
+             f"{baseline['peak_rss_gb_per_process']:.2f} GB in the latest). 'load' is the 1-minute load average as the "
+             "stage ended (other work on the machine slows the wall times); `commit` in the JSON says which code "
+             "measured each row.", "",
              "| shape | examples | processes | stage | wall s | build s | reopen s | peak RSS GB/process | above model GB | store GB | load |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -286,6 +294,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for processes in map(int, args.processes.split(",")):
             new = run_shape(shape, processes, work, model, args.keep)
+            for row in new:
+                row["model_only_gb"] = baseline["peak_rss_gb_per_process"]
             rows = [r for r in rows if (r["shape"], r["processes"]) != (shape, processes)] + new
             rows.sort(key=lambda r: (r["examples"], r["processes"], r["stage"]))
             write_results(rows, baseline, str(torch.backends.cpu.get_cpu_capability()))
