@@ -251,7 +251,7 @@ def plan_rows(arrays: tuple[np.ndarray, ...], split: str, cfg: PromptConfig, k: 
         users, prefix_lens, targets, retrieved, scores, found = (
             a[keep] for a in (users, prefix_lens, targets, retrieved, scores, found))
     # The prior of missed training targets' slots counts all training rows, before the subset.
-    prior = (np.ones(k) + found.sum(0)) if has_candidates and found.shape[1] == k else np.ones(k)
+    prior = found_slot_prior(targets, retrieved) if has_candidates and retrieved.shape[1] == k else np.ones(k) / k
     cap = cfg.max_train_examples
     if split == "train" and 0 < cap < len(users):
         keep_idx = np.sort(np.random.default_rng([int(cfg.seed), _SUBSET]).choice(len(users), size=cap, replace=False))
@@ -268,7 +268,7 @@ def plan_rows(arrays: tuple[np.ndarray, ...], split: str, cfg: PromptConfig, k: 
         slots[shown] = balanced_slots(cfg.seed, j[shown], k)
     elif split == "train" and cfg.negatives == "retriever" and has_candidates:
         missed = ~found.any(1)
-        quota = quota_slots(prior / prior.sum(), int(missed.sum()), np.random.default_rng([int(cfg.seed), _SLOT]))
+        quota = quota_slots(prior, int(missed.sum()), np.random.default_rng([int(cfg.seed), _SLOT]))
         slots[missed] = quota[::-1]  # the first missed row takes the last slot drawn, as a stack pops them
     return RowPlan(users, prefix_lens, targets, retrieved, scores, slots, left_out)
 

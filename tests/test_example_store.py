@@ -160,3 +160,15 @@ def test_every_part_is_memory_mapped_not_read_into_the_process(tmp_path, bpe):
     assert all(isinstance(block, MemoryMappedTable) for block in blocks)
     assert {Path(f["filename"]).name for f in examples.data.cache_files} == \
         {f"part-{i:05d}.arrow" for i in range(examples.meta["parts"])}
+
+
+@pytest.mark.parametrize("per_user", [1, 3, 0])
+def test_training_rows_from_sequences_follow_the_split_convention(per_user):
+    from rerank_dist.examples import sequence_arrays
+    from rerank_dist.retrieval.sequences import split_examples
+
+    dataset = varied_lengths()
+    users, prefix_lens, targets, retrieved, _ = sequence_arrays(dataset.sequences, per_user)
+    expected = split_examples(dataset.sequences, "train", per_user)  # what the retriever stage makes rows for
+    assert list(zip(users.tolist(), prefix_lens.tolist())) == expected and retrieved.shape == (len(expected), 0)
+    assert targets.tolist() == [dataset.sequences[u][p] for u, p in expected]
