@@ -32,7 +32,8 @@ def _prompts(config: str, run_dir: str, history: int, n: int):
     import pandas as pd
     import torch
 
-    from rerank_dist.config import labels_for, load_config
+    from rerank_dist.config import labels_for
+    from rerank_dist.settings import load_config
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_tokenizer

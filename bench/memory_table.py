@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rerank_dist.config import load_config  # noqa: E402
+from rerank_dist.settings import load_config  # noqa: E402
 from rerank_dist.memory import BACKEND_NAMES, BACKENDS, GIB, estimate_training_memory, find_architecture  # noqa: E402
 from rerank_dist.plan import plan_for  # noqa: E402
 

@@ -26,7 +26,8 @@ def prompt_length_table(config: str, run_dir: str, history: list[int], titles: l
     """Mean / median / max prompt tokens of ``split`` for each (history_items, title_max_tokens)."""
     import pandas as pd
 
-    from rerank_dist.config import labels_for, load_config
+    from rerank_dist.config import labels_for
+    from rerank_dist.settings import load_config
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_tokenizer

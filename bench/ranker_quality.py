@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rerank_dist.config import load_config  # noqa: E402
+from rerank_dist.settings import load_config  # noqa: E402
 from rerank_dist.io import atomic_path, atomic_write_text, read_json, write_json  # noqa: E402
 from rerank_dist.paths import RunPaths  # noqa: E402
 

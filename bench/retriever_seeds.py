@@ -26,7 +26,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rerank_dist.config import ConfigError, DataConfig, RetrieverConfig, load_config  # noqa: E402
+from rerank_dist.config import ConfigError, DataConfig, RetrieverConfig  # noqa: E402
+from rerank_dist.settings import load_config  # noqa: E402
 from rerank_dist.data.prepare import load_dataset, prepare_data  # noqa: E402
 from rerank_dist.io import write_json  # noqa: E402
 from rerank_dist.paths import cache_dir  # noqa: E402

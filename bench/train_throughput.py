@@ -87,7 +87,8 @@ def load_run(config: str, run_dir: str, dtype: str | None, split: str = "train")
     """(cfg, tokenizer, examples, token lists) of ``split`` as the project builds them from a run directory."""
     import pandas as pd
 
-    from rerank_dist.config import labels_for, load_config
+    from rerank_dist.config import labels_for
+    from rerank_dist.settings import load_config
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
     from rerank_dist.modeling import load_tokenizer

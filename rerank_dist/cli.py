@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         from rerank_dist import preemption
 
         preemption.install()  # first thing: the signal may come while the model is still loading
-    from rerank_dist.config import ConfigError, describe_fields, resolve_config
+    from rerank_dist.config import ConfigError, describe_fields
+    from rerank_dist.settings import resolve_config
 
     if args.stage == "launch":
         return _launch(args)
@@ -147,7 +148,8 @@ def _dry_run(cfg, world_size: int | None = None, nodes: int = 1, cpu: bool | Non
 def _launch(args) -> int:
     """Check everything that can be checked for the whole world, then become torchrun."""
     from rerank_dist import launcher
-    from rerank_dist.config import ConfigError, resolve_config
+    from rerank_dist.config import ConfigError
+    from rerank_dist.settings import resolve_config
 
     problem = launcher.check(args)
     if problem:

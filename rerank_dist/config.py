@@ -3,7 +3,11 @@
 Each field has a type, a default and a one-line doc (the ``doc`` metadata), so
 ``rerank-dist config --fields`` can print them all. A run is described by one
 ``RunConfig``: defaults, then a YAML file, then dotted command-line overrides
-(``train.lr=2e-4``). ``validate`` collects *every* problem before any model loads.
+(``train.lr=2e-4``). ``validate`` collects *every* problem with the values.
+
+This module is the schema alone: the batch plan (``plan.py``) and the memory estimate
+(``memory.py``) depend on it, never the reverse. Loading the settings a command runs with, with
+the checks that need more than the values (the batch plan), is ``settings.py``.
 
 The defaults are the embedded job: bundled ml-latest-small, SmolLM2-135M-Instruct, sized
 to finish on a 2-core CPU. ``configs/`` holds the LlamaRec-scale recipes.
@@ -66,7 +70,7 @@ class DatasetDefaults:
     batch_size: int  # retriever.batch_size likewise
 
 
-# Applied by load_config to retriever fields a run leaves unset (apply_dataset_defaults); recorded in
+# Applied by parse_config to retriever fields a run leaves unset (apply_dataset_defaults); recorded in
 # the data stage's meta.json. LlamaRec: max length 200 and batch 16 for ML-100k, 50 and 64 otherwise.
 DATASET_DEFAULTS = {
     "ml-latest-small": DatasetDefaults(title_rule="movielens", max_len=200, batch_size=16),
@@ -339,10 +343,11 @@ def _dotted_to_nested(overrides: list[str], errors: list[str]) -> dict[str, Any]
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                world_size: int | None = None, base: RunConfig | None = None) -> RunConfig:
-    """base (default: the defaults) <- YAML file <- dotted overrides; then validate for world_size processes
-    (default: the launcher's). Raises ConfigError listing every problem."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: RunConfig | None = None) -> tuple[RunConfig, list[str]]:
+    """base (default: the defaults) <- YAML file <- dotted overrides, and every problem with the values
+    (one line each, empty = valid). Only the schema is checked here: ``settings.load_config`` adds the
+    checks that depend on more than the values (the batch plan) and raises."""
     cfg = copy.deepcopy(base) if base is not None else RunConfig()
     errors: list[str] = []
     given: set[str] = set()
@@ -355,11 +360,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         given |= _dotted_keys(values)
         _apply(cfg, values, "", errors)
     apply_dataset_defaults(cfg, given, base)
-    errors.extend(validate(cfg, world_size))
-    if errors:
-        where = f"{path}: " if path else ""
-        raise ConfigError("\n".join(f"{where}{e}" for e in errors))
-    return cfg
+    errors.extend(validate(cfg))
+    return cfg, errors
 
 
 def _dotted_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
@@ -417,9 +419,10 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                   world_size: int | None = None) -> tuple[RunConfig, Path | None]:
-    """The config a command runs with, and the recorded config it started from (None for a new run).
+def recorded_base(path: str | Path | None = None,
+                  overrides: list[str] | None = None) -> tuple[RunConfig | None, Path | None]:
+    """The recorded config a command on an existing run directory starts from, and its path; (None,
+    None) for a new run.
 
     A command on an existing run directory starts from that run's own ``config.yaml`` (the settings
     its outputs were made with), then the YAML file, then the overrides; a new run starts from the
@@ -434,19 +437,19 @@ def resolve_config(path: str | Path | None = None, overrides: list[str] | None =
         _apply(peek, _dotted_to_nested(overrides, ignored), "", ignored)
     recorded = Path(peek.run_dir) / RECORDED_CONFIG
     if not recorded.is_file():
-        return load_config(path, overrides, world_size), None
+        return None, None
     base = RunConfig()
     errors: list[str] = []
     _apply(base, _read_yaml(recorded), "", errors)
     if errors:
         raise ConfigError("\n".join(f"{recorded}: {e}" for e in errors))
     base.run_dir = peek.run_dir  # the directory it was found in, also when the run was moved or copied
-    return load_config(path, overrides, world_size, base=base), recorded
+    return base, recorded
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
-    """Every problem with the values, as one line each (empty list = valid). world_size: the number of
-    processes the batch plan is checked for (default: the launcher's WORLD_SIZE, else 1)."""
+def validate(cfg: RunConfig) -> list[str]:
+    """Every problem with the values, as one line each (empty list = valid). The batch plan, which also
+    depends on the number of processes, is plan.plan_problems (both run in settings.load_config)."""
     errs: list[str] = []
     for dotted, allowed in _CHOICES.items():
         section, name = dotted.split(".")
@@ -523,13 +526,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     for s in cfg.score.splits:
         if s not in {"val", "test"}:
             errs.append(f"score.splits: expected val and/or test, got {s!r}")
-    if cfg.train.batch_size > 0 and cfg.train.micro_batch_size > 0:
-        from rerank_dist.plan import plan_for
-
-        try:  # the batch plan at the launcher's world size, so a bad combination fails before any stage
-            plan_for(cfg, world_size)
-        except ConfigError as e:
-            errs.append(str(e))
     return errs
 
 

@@ -36,6 +36,7 @@ from accelerate.utils import (DistributedType, GradientAccumulationPlugin, InitP
                               broadcast_object_list, gather_object, parse_flag_from_env)
 
 from rerank_dist.config import SHARDED_BACKENDS, ConfigError, RunConfig
+from rerank_dist.extras import require
 from rerank_dist.io import publish_dir
 from rerank_dist.plan import BatchPlan
 
@@ -238,6 +239,8 @@ def process_state(backend: str = "ddp") -> PartialState:
     over gloo with DeepSpeed's CPU accelerator, and without ACCELERATE_USE_CPU, which would make
     accelerate set the DeepSpeed plugin aside and run plain DDP.
     """
+    if backend in ("zero2", "zero3"):
+        require("deepspeed", "deepspeed", f"train.backend={backend}")
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     if backend not in ("zero2", "zero3") or PartialState._shared_state:
         return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

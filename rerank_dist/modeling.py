@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rerank_dist.config import ModelConfig
+from rerank_dist.extras import require
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.model_source import resolve_model_source
 
@@ -48,6 +49,7 @@ def _quantization_config(cfg: ModelConfig, sharded: bool = False,
                          device: torch.device | str | None = None) -> Any:
     if cfg.quantization != "nf4":
         return None
+    require("bitsandbytes", "qlora", "model.quantization=nf4")
     from transformers import BitsAndBytesConfig
 
     # QLoRA (Dettmers et al.): NF4 storage, double-quantized scales, matmuls in bf16 (or fp32 on CPU).

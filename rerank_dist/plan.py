@@ -86,6 +86,19 @@ def plan_for(cfg: RunConfig, world_size: int | None = None) -> BatchPlan:
     return plan
 
 
+def plan_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
+    """The batch plan's objection to cfg at world_size processes (default: the launcher's), as one line
+    each; empty when it has none. settings.load_config reports it with the config's own problems, so a
+    bad combination fails before any stage."""
+    if cfg.train.batch_size <= 0 or cfg.train.micro_batch_size <= 0:
+        return []  # config.validate reports those; there is no plan to check
+    try:
+        plan_for(cfg, world_size)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
 # ---------------------------------------------------------------- the dry run
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from rerank_dist import pipeline
 from rerank_dist.cli import main
-from rerank_dist.config import load_config
+from rerank_dist.settings import load_config
 from rerank_dist.data import prepare as data_prepare
 from rerank_dist.data.prepare import load_dataset
 

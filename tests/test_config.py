@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from rerank_dist.cli import main
-from rerank_dist.config import ConfigError, RunConfig, describe_fields, load_config
+from rerank_dist.config import ConfigError, RunConfig, describe_fields
+from rerank_dist.settings import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))

@@ -180,7 +180,7 @@ def test_retriever_never_sees_val_or_test_targets(tmp_path, monkeypatch, train_c
     a validation or test target; with train_candidates=held_out the second retriever, which makes the
     training candidates, sees only seq[:-(2 + train_prefixes_per_user)]."""
     from rerank_dist import pipeline
-    from rerank_dist.config import load_config
+    from rerank_dist.settings import load_config
     from rerank_dist.retrieval import stage as stage_mod
     from rerank_dist.retrieval import train as train_mod
 

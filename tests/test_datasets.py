@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rerank_dist import pipeline
-from rerank_dist.config import ColumnsConfig, ConfigError, DataConfig, describe_fields, load_config
+from rerank_dist.config import ColumnsConfig, ConfigError, DataConfig, describe_fields
+from rerank_dist.settings import load_config
 from rerank_dist.data import DataError, load_dataset, prepare_data
 from rerank_dist.data import sources
 from rerank_dist.data.preprocess import clean_titles

@@ -21,7 +21,7 @@ import yaml
 
 from rerank_dist import pipeline
 from rerank_dist.cli import main
-from rerank_dist.config import load_config
+from rerank_dist.settings import load_config
 from rerank_dist.doctor import CHECK_IDS, DoctorOptions, Status, diagnose
 from rerank_dist.io import read_json, write_json
 from rerank_dist.paths import RunPaths
@@ -249,7 +249,8 @@ def plant_random_negatives(run: Path, overrides: list[str]) -> None:
 def rebuild_examples_store(run: Path) -> None:
     """The run's examples store made again from its (changed) config.yaml, as its train stage would."""
     from rerank_dist import example_store
-    from rerank_dist.config import labels_for, load_config
+    from rerank_dist.config import labels_for
+    from rerank_dist.settings import load_config
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.modeling import load_tokenizer
     from tests.test_example_store import build_all

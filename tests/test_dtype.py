@@ -12,7 +12,8 @@ import torch
 
 from rerank_dist import hardware
 from rerank_dist import modeling as M
-from rerank_dist.config import ConfigError, ExportConfig, ModelConfig, RunConfig, load_config
+from rerank_dist.config import ConfigError, ExportConfig, ModelConfig, RunConfig
+from rerank_dist.settings import load_config
 from rerank_dist.hardware import planned_dtype, resolve_dtype
 from tests.tiny_models import build_tiny_model
 from tests.tiny_tokenizers import build_bytelevel_bpe

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rerank_dist.config import ExportConfig, ModelConfig, load_config
+from rerank_dist.config import ExportConfig, ModelConfig
+from rerank_dist.settings import load_config
 from rerank_dist.export import export_run, merged_dtype
 from rerank_dist.io import read_json
 from rerank_dist.paths import RunPaths

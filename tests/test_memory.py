@@ -452,7 +452,7 @@ def test_unknown_backend_is_a_clear_error():
 
 def test_estimate_follows_the_deepspeed_config_the_run_uses():
     """The bucket sizes and thresholds modelled here are the ones rerank_dist.distributed writes."""
-    from rerank_dist.config import load_config
+    from rerank_dist.settings import load_config
     from rerank_dist.distributed import BACKEND_NAMES as RUN_NAMES
     from rerank_dist.distributed import deepspeed_config
     from rerank_dist.plan import plan_for
@@ -470,7 +470,7 @@ def test_estimate_follows_the_deepspeed_config_the_run_uses():
 
 @pytest.mark.parametrize("configured", BACKENDS)
 def test_dry_run_shows_a_memory_line_per_backend_marking_the_configured_one(configured):
-    from rerank_dist.config import load_config
+    from rerank_dist.settings import load_config
     from rerank_dist.plan import dry_run_lines, plan_for
 
     cfg = load_config(str(REPO / "configs/qwen3_4b_qlora.yaml"), overrides=[f"train.backend={configured}"],

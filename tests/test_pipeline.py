@@ -16,7 +16,7 @@ import yaml
 from rerank_dist import pipeline
 from rerank_dist.checkpoint import BEST_FILES, step_files
 from rerank_dist.cli import main
-from rerank_dist.config import load_config
+from rerank_dist.settings import load_config
 from rerank_dist.io import read_json
 from rerank_dist.paths import RunPaths
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from rerank_dist.cli import main
-from rerank_dist.config import ConfigError, load_config
+from rerank_dist.config import ConfigError
+from rerank_dist.settings import load_config
 from rerank_dist.plan import BatchPlan, plan_batches, plan_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from rerank_dist import pipeline
-from rerank_dist.config import load_config
+from rerank_dist.settings import load_config
 from rerank_dist.paths import RunPaths
 
 

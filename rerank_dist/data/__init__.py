@@ -7,14 +7,9 @@ that every later stage shares.
 
 from __future__ import annotations
 
-
-class DataError(ValueError):
-    """A problem with the input data, described in one line naming the file or field."""
-
-
-# Defined before these imports: the submodules import DataError from this package.
-from rerank_dist.data.prepare import Dataset, load_dataset, prepare_data  # noqa: E402
-from rerank_dist.data.splits import (  # noqa: E402
+from rerank_dist.data.errors import DataError
+from rerank_dist.data.prepare import Dataset, load_dataset, prepare_data
+from rerank_dist.data.splits import (
     MIN_SEQ_LEN,
     history_and_target,
     prefix_len_for,

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.io import sha256_file  # hashlib.file_digest needs 3.11; 3.10 is the floor
 
 CHUNK_BYTES = 1 << 20

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_dist.config import ColumnsConfig
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.data.tables import (
     CsvLayout,
     RawFile,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from rerank_dist import io as rio
 from rerank_dist.config import DATASET_DEFAULTS, DataConfig
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.data.catalog import CATALOG
 from rerank_dist.data.preprocess import Processed, preprocess
 from rerank_dist.data.sources import INTERACTIONS, TITLES, load_raw

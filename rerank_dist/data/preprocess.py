@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.data.splits import MIN_SEQ_LEN
 from rerank_dist.data.tables import encode
 

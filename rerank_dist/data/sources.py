@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from rerank_dist.config import DataConfig
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.data.catalog import CATALOG, NamedDataset, RemoteFile
 # fetch_url is looked up here at each call, so tests can stand in for the network.
 from rerank_dist.data.download import download_file, fetch_url

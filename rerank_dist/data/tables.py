@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from rerank_dist.data import DataError
+from rerank_dist.data.errors import DataError
 from rerank_dist.io import sha256_file  # hashlib.file_digest needs 3.11; 3.10 is the floor
 
 # Values longer than this are cut in messages, so an error stays one readable line.

@@ -41,7 +41,7 @@ def is_own_run(root: Path) -> bool:
 
 
 def _config(root: Path) -> RunConfig:
-    from rerank_dist.config import resolve_config
+    from rerank_dist.settings import resolve_config
 
     # The run's own config.yaml (run_dir pointed at where it is now), as a stage on this run would see it.
     cfg, _ = resolve_config(None, [f"run_dir={root}"], world_size=1)
