@@ -133,7 +133,7 @@ class ModelConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
-    lora_layers: int = _f(10, "adapters only in the last N decoder layers (0, or N at least the model's layer count = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.68x the examples per second, 2.42x with 10 history titles instead of 20; bench/results/lora_layers.md). The memory estimate still counts every layer, an upper bound")
+    lora_layers: int = _f(10, "adapters only in the last N decoder layers (0, or N at least the model's layer count = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.68x the examples per second, 2.42x with 10 history titles instead of 20; bench/results/lora_layers.md). The memory estimate counts the adapters of those layers only, but the activations of every layer (an upper bound)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
 
 

@@ -16,6 +16,9 @@ What the numbers follow is this repository's own training path (``rerank_dist.mo
   without autocast (``train.mixed_precision=no``, the default) activations are float32 too.
   Sharding backends (zero3, fsdp) skip that upcast and store the 4-bit codes as the compute
   dtype; DeepSpeed's bf16/fp16 mode casts the model itself (see ``_precision``).
+* LoRA adapters are PEFT's own: ``get_peft_model`` with training's ``modeling.lora_config``
+  applied to the meta model, so which modules and blocks get one (model.lora_target_modules,
+  model.lora_layers) and their shapes are PEFT's decision, counted rather than re-derived.
 * LoRA weights are float32 and trained with torch AdamW: 4 weight + 4 grad + 8 moments bytes
   under DDP; DeepSpeed and FSDP partition the optimizer state (see ``estimate_training_memory``).
 * Only the answer position reaches the LM head (``logits_to_keep=1``, see ``label_scoring``):
@@ -45,6 +48,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rerank_dist.config import ModelConfig
 from rerank_dist.hardware import planned_dtype
@@ -170,6 +174,7 @@ class _Param:
 class _Layout:
     """What the estimate needs from a model, read off its meta-device instance."""
 
+    arch_json: str  # the config.json it was built from (sorted keys): the adapters are built from it too
     total_params: int  # tied weights counted once
     params: tuple[_Param, ...]  # every parameter, tied weights once
     linears: tuple[_Linear, ...]
@@ -194,10 +199,8 @@ def _block_index(name: str) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _layout(arch_json: str) -> _Layout:
-    """Build the model on the meta device (no memory, a second or two even for 7B) and read it."""
-    import torch
+def _meta_model(arch_json: str) -> Any:
+    """The model config.json describes, built on the meta device (no memory, a second or two even for 7B)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -214,6 +217,16 @@ def _layout(arch_json: str) -> _Layout:
     # init_empty_weights re-registers every parameter on the meta device, which undoes the tie made
     # in post_init (Qwen3-4B would count its 389M-parameter head twice: 4.41e9 instead of 4.02e9).
     model.tie_weights()
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(arch_json: str) -> _Layout:
+    """Build the model on the meta device and read it."""
+    import torch
+
+    model = _meta_model(arch_json)
+    config = model.config
 
     # Which Linear layers bitsandbytes quantizes: transformers' Bnb4BitHfQuantizer calls
     # get_modules_to_not_convert(model, llm_int8_skip_modules=None, ...), which with no skip list
@@ -261,6 +274,7 @@ def _layout(arch_json: str) -> _Layout:
     blocks = [lin for lin in linears if lin.layer is not None]
     biggest_block_out = max((lin.out_features for lin in blocks), default=4 * hidden)
     return _Layout(
+        arch_json=arch_json,
         total_params=total,
         params=param_list,
         linears=tuple(linears),
@@ -277,10 +291,55 @@ def _layout(arch_json: str) -> _Layout:
     )
 
 
-def _is_lora_target(name: str, targets: list[str]) -> bool:
-    # peft's rule for a list of target_modules (check_target_module_exists): the module's name
-    # equals a target or ends with "." + target.
-    return any(name == t or name.endswith("." + t) for t in targets)
+@dataclass(frozen=True)
+class _Adapters:
+    """The LoRA adapters PEFT adds to a model, read off a meta-device PeftModel."""
+
+    params: tuple[_Param, ...]  # lora_A / lora_B (lora_embedding_A / _B on an Embedding), as PEFT shapes them
+    linears: tuple[_Linear, ...]  # the Linear layers PEFT adapted
+    blocks: tuple[int, ...]  # decoder blocks with an adapter (the last model.lora_layers, or all)
+
+
+def _adapters(lay: _Layout, model_cfg: ModelConfig) -> _Adapters:
+    """PEFT's adapters for model_cfg's LoRA settings on the model lay was read from."""
+    return _peft_adapters(lay.arch_json, model_cfg.lora_r, model_cfg.lora_alpha,
+                          tuple(model_cfg.lora_target_modules), model_cfg.lora_layers)
+
+
+@functools.lru_cache(maxsize=16)
+def _peft_adapters(arch_json: str, r: int, alpha: int, targets: tuple[str, ...], lora_layers: int) -> _Adapters:
+    """get_peft_model on the meta-device model, with the LoraConfig training uses (modeling.lora_config):
+    which modules match model.lora_target_modules and model.lora_layers is PEFT's decision, not a copy of it."""
+    import torch
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from rerank_dist.modeling import lora_config, num_decoder_layers
+
+    model = _meta_model(arch_json)
+    cfg = ModelConfig(lora_r=r, lora_alpha=alpha, lora_target_modules=list(targets), lora_layers=lora_layers)
+    # The adapters' own weights on the meta device too: nothing is allocated, even for a 7B model.
+    with init_empty_weights(include_buffers=False):
+        peft_model = get_peft_model(model, lora_config(cfg, num_decoder_layers(model)))
+    prefix = "base_model.model."  # PeftModel -> LoraModel -> the model: names as in the bare model
+
+    def bare(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    params = []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:  # only the adapters: get_peft_model freezes the rest
+            name = bare(name)
+            layer = _block_index(name)
+            # An adapter on the head goes where the head goes (the tail); one on the embedding does not.
+            tail = layer is None and "lora_embedding_" not in name
+            params.append(_Param(name, tuple(p.shape), layer, False, tail))
+    linears = tuple(_Linear(bare(name), m.in_features, m.out_features, False, _block_index(bare(name)))
+                    for name, m in peft_model.named_modules()
+                    if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), torch.nn.Linear))
+    blocks = tuple(sorted({prm.layer for prm in params if prm.layer is not None}))
+    return _Adapters(params=tuple(params), linears=linears, blocks=blocks)
 
 
 def nf4_bytes(numel: int) -> int:
@@ -302,7 +361,8 @@ _LORA_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "
 
 def _lora_bytes_per_token(lay: _Layout, model_cfg: ModelConfig, kept_bytes: int,
                           input_bytes: dict[str, int]) -> float:
-    """Bytes the LoRA branches of one block keep per token (peft lora.Linear / lora.bnb.Linear4bit).
+    """Bytes the LoRA branches of one adapted block keep per token (peft lora.Linear / lora.bnb.Linear4bit);
+    0 when no block has an adapter.
 
     lora_A keeps its input: without autocast peft first casts x to the adapter's dtype (a new copy
     unless x has that dtype already); under autocast F.linear keeps a 16-bit cast instead.
@@ -311,11 +371,14 @@ def _lora_bytes_per_token(lay: _Layout, model_cfg: ModelConfig, kept_bytes: int,
     native_dropout). With neither a cast nor dropout, adapters fed by the same tensor (q/k/v, say)
     keep that one tensor. lora_B keeps lora_A's r-wide output.
     """
-    r, targets = model_cfg.lora_r, list(model_cfg.lora_target_modules)
+    r = model_cfg.lora_r
     dropout = model_cfg.lora_dropout > 0
+    adapters = _adapters(lay, model_cfg)
+    if not adapters.blocks:
+        return 0.0
     total, shared = 0.0, set()
-    for lin in lay.linears:  # block 0 stands for all: Llama / Qwen3 blocks are alike
-        if lin.layer != 0 or not _is_lora_target(lin.name, targets):
+    for lin in adapters.linears:  # the first adapted block stands for all: Llama / Qwen3 blocks are alike
+        if lin.layer != adapters.blocks[0]:
             continue
         source = _LORA_INPUTS.get(lin.name.rsplit(".", 1)[-1])
         own_copy = dropout or input_bytes.get(source, 0) != kept_bytes or source is None
@@ -406,6 +469,9 @@ def _activation_bytes_per_token(lay: _Layout, model_cfg: ModelConfig, mixed_prec
 
 BACKENDS = ("ddp", "zero2", "zero3", "fsdp")
 BACKEND_NAMES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}
+# The backends whose estimate a GPU measurement has checked (see the module docstring); the others
+# are modelled from the libraries' sources only, and the dry run says so.
+MEASURED_BACKENDS = ("ddp",)
 # The DeepSpeed settings rerank_dist.distributed.deepspeed_config writes, in elements.
 DS_REDUCE_BUCKET = 50_000_000  # reduce_bucket_size
 ZERO3_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size
@@ -474,23 +540,6 @@ class _Stored:
         return self.numel * self.elem_bytes
 
 
-def _lora_params(lay: _Layout, model_cfg: ModelConfig) -> list[_Param]:
-    """peft's adapter weights: lora_A (r, in) and lora_B (out, r) on every matching Linear;
-    lora_embedding_A (r, num) and lora_embedding_B (dim, r) on a matching Embedding."""
-    r, targets = model_cfg.lora_r, list(model_cfg.lora_target_modules)
-    out: list[_Param] = []
-    for lin in lay.linears:
-        if _is_lora_target(lin.name, targets):
-            tail = lin.layer is None  # an adapter on the head goes where the head goes
-            out += [_Param(f"{lin.name}.lora_A", (r, lin.in_features), lin.layer, False, tail),
-                    _Param(f"{lin.name}.lora_B", (lin.out_features, r), lin.layer, False, tail)]
-    for name, num, dim in lay.embeddings:
-        if _is_lora_target(name, targets):
-            out += [_Param(f"{name}.lora_embedding_A", (r, num), None, False, False),
-                    _Param(f"{name}.lora_embedding_B", (dim, r), None, False, False)]
-    return out
-
-
 def _stored(lay: _Layout, model_cfg: ModelConfig, backend: str, mixed_precision: str) -> tuple[list[_Stored], int]:
     """Every base and LoRA parameter in the backend's storage, and the bytes of NF4 quantization
     statistics that are not parameters (so no backend shards them).
@@ -525,7 +574,7 @@ def _stored(lay: _Layout, model_cfg: ModelConfig, backend: str, mixed_precision:
                 entries.append(_Stored(prm, (nf4_bytes(prm.numel),), 1, False))
         else:
             entries.append(_Stored(prm, prm.shape, plain_bytes, False))
-    entries += [_Stored(prm, prm.shape, lora_bytes, True) for prm in _lora_params(lay, model_cfg)]
+    entries += [_Stored(prm, prm.shape, lora_bytes, True) for prm in _adapters(lay, model_cfg).params]
     return entries, statistics
 
 
@@ -728,13 +777,15 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
     # in the dtypes the backend computes in.
     per_tok = _activation_bytes_per_token(lay, model_cfg, mixed_precision, prec)
     residual, mlp = per_tok["residual_bytes"], per_tok["mlp_bytes"]
-    layer_full = tokens * sum(per_tok[k] for k in ("norms", "qk_norms", "attention", "mlp", "lora"))
+    adapted_blocks = len(_adapters(lay, model_cfg).blocks)  # model.lora_layers: the last N blocks, or all
+    layer_lora = tokens * per_tok["lora"]  # in each adapted block only
+    layer_full = tokens * sum(per_tok[k] for k in ("norms", "qk_norms", "attention", "mlp")) + layer_lora
     if model_cfg.gradient_checkpointing:
         # Each block keeps only its input hidden state (B, L, h); in backward one block at a time
         # is re-run and its full activations exist again while it is differentiated.
         kept = lay.num_layers * tokens * lay.hidden * residual + layer_full
     else:
-        kept = lay.num_layers * layer_full
+        kept = lay.num_layers * (layer_full - layer_lora) + adapted_blocks * layer_lora
     # After the blocks: the final norm's fp32 input, its output (held by the answer-position
     # slice that reaches the head), and (B, 1, V) logits with their fp32 copy; no (B, L, V) tensor.
     head = tokens * lay.hidden * (4 + residual) + micro_batch * lay.vocab * 4 * 2

@@ -142,7 +142,8 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     import torch
 
     from rerank_dist.hardware import resolve_dtype
-    from rerank_dist.memory import BACKEND_NAMES, BACKENDS, GIB, estimate_training_memory, find_architecture
+    from rerank_dist.memory import (BACKEND_NAMES, BACKENDS, GIB, MEASURED_BACKENDS, estimate_training_memory,
+                                    find_architecture)
 
     tc, mc = cfg.train, cfg.model
     if cpu is None:
@@ -183,14 +184,19 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
         estimates = {b: estimate_training_memory(arch, mc, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
                                                  plan.world_size, mixed_precision=tc.mixed_precision, backend=b)
                      for b in BACKENDS}
-        lines.append(f"memory: {estimates[tc.backend]['summary']} (architecture from {where})")
+        # Only the DDP estimate has been checked against a GPU; the others are a model, and say so.
+        unmeasured = ("" if tc.backend in MEASURED_BACKENDS
+                      else "; unmeasured: modelled from the library sources, no GPU run checked it")
+        lines.append(f"memory: {estimates[tc.backend]['summary']} (architecture from {where}{unmeasured})")
         # The same run under each backend, so one can be chosen before renting devices.
         lines.append(f"memory by backend at {plan.world_size} process(es), GiB per device "
-                     f"(weights: base model kept; gathered: held whole while computed):")
+                     f"(weights: base model kept; gathered: held whole while computed; "
+                     f"unmeasured: no GPU run checked that estimate):")
         for b, e in estimates.items():
             lines.append(f"  {b:<5} {BACKEND_NAMES[b]:<16} total {e['total'] / GIB:5.1f}  "
                          f"weights {e['weights'] / GIB:5.1f}  gathered {e['gathered_working_set'] / GIB:4.1f}  "
                          f"activations {e['activations'] / GIB:5.1f}"
+                         f"{'' if b in MEASURED_BACKENDS else '  unmeasured'}"
                          f"{'  <- train.backend' if b == tc.backend else ''}")
     every = [f"every {tc.save_every} steps" if tc.save_every else "",
              f"every {tc.save_every_minutes:g} min" if tc.save_every_minutes else ""]
