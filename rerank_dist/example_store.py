@@ -291,6 +291,13 @@ class StoredExamples:
         row = self.data[int(index)]
         return row["input_ids"].tolist(), int(row["label"])
 
+    def lengths(self) -> np.ndarray:
+        """Prompt tokens of every row, (n,), read column-wise from the mapped files (no ids copied)."""
+        import pyarrow.compute as pc
+
+        column = self.data.with_format("arrow")[:].column("input_ids")
+        return pc.list_value_length(column).to_numpy().astype(np.int64)
+
     def rows(self, indices: Sequence[int]) -> dict[str, Any]:
         """Every column of some rows, as Python values (for inspection and tests)."""
         return self.data.with_format(None)[list(map(int, indices))] if len(indices) else {}

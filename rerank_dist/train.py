@@ -75,8 +75,9 @@ def train(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     # A generator of its own: a DataLoader without one draws its worker seed from the global RNG each
     # time an epoch starts, so a resumed run would shift the LoRA-dropout stream by one draw.
-    loader = DataLoader(data.examples, batch_size=plan.micro_batch_size, shuffle=True, collate_fn=_collate(data.pad_id),
-                        generator=torch.Generator().manual_seed(tc.seed))
+    order = _order(data.examples, tc)
+    loader = DataLoader(data.examples, batch_size=plan.micro_batch_size, shuffle=order is None, sampler=order,
+                        collate_fn=_collate(data.pad_id), generator=torch.Generator().manual_seed(tc.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     held, whole = weights_held(model)  # under zero3 / fsdp about 1/W of the model per process
     say(f"weights on this process: {held:,} of {whole:,} elements ({held / whole:.0%}) under {BACKEND_NAMES[tc.backend]}")
@@ -114,7 +115,8 @@ def train(cfg: RunConfig) -> dict:
     # ------------------------------------------------------------------ loop
     started = last_save = last_step_end = time.time()
     stopped_early = False
-    window = torch.zeros(3, device=accelerator.device)  # (loss x examples, examples, tokens) since the last step
+    # (loss x examples, examples, real tokens, padded slots) since the last step
+    window = torch.zeros(4, device=accelerator.device)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -136,6 +138,7 @@ def train(cfg: RunConfig) -> dict:
             window[0] += loss.detach().float() * n
             window[1] += n
             window[2] += batch["attention_mask"].sum()
+            window[3] += batch["attention_mask"].numel()
             if not accelerator.sync_gradients:
                 continue
 
@@ -143,13 +146,14 @@ def train(cfg: RunConfig) -> dict:
             scheduler.step()
             state.step += 1
             state.steps_in_epoch += 1
-            loss_sum, examples, tokens = accelerator.reduce(window, "sum").tolist()
+            loss_sum, examples, tokens, slots = accelerator.reduce(window, "sum").tolist()
             window.zero_()
             now = time.time()
             record = {"step": state.step, "epoch": state.epoch, "loss": round(loss_sum / examples, 5),
                       "lr": scheduler.get_last_lr()[0],
                       "grad_norm": round(float(grad_norm), 5) if grad_norm is not None else None,
-                      "tokens": int(tokens), "tokens_per_s": round(tokens / max(now - last_step_end, 1e-9), 1),
+                      "tokens": int(tokens), "padding": int(slots - tokens),
+                      "tokens_per_s": round(tokens / max(now - last_step_end, 1e-9), 1),
                       "elapsed_s": round(now - started, 1)}
             last_step_end = now
             accelerator.log({f"train/{k}": record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")
@@ -281,6 +285,16 @@ def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: An
     accelerator.wait_for_everyone()
     say(f"examples: {len(plan):,} built in {time.time() - started:.0f} s")
     return store.StoredExamples(spec.directory)
+
+
+def _order(examples: Any, tc: Any) -> Any:
+    """The training order's sampler: length-grouped (train.length_grouping) or None, a uniform shuffle
+    (the DataLoader's, seeded by its generator). Both depend on the seed and the epoch alone."""
+    if not tc.length_grouping:
+        return None
+    from rerank_dist.length_grouping import LengthGroupedSampler
+
+    return LengthGroupedSampler(examples.lengths(), tc.batch_size, tc.length_grouping, tc.seed)
 
 
 def _collate(pad_id: int):
@@ -423,9 +437,18 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
             "accumulation": state.accumulation, "mixed_precision": cfg.train.mixed_precision,
             "dtype": dtype, "dtype_reason": dtype_reason,
             "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
+            # tokens/s counts real tokens only; padding: the share of computed slots that were padding
+            "length_grouping": cfg.train.length_grouping,
+            "padding_share": _padding_share(records),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),
             "train_prompt_stats": data.stats, "verbalizer": data.verbalizer}
+
+
+def _padding_share(records: list[dict]) -> float | None:
+    tokens = sum(r.get("tokens", 0) for r in records)
+    padding = sum(r.get("padding", 0) for r in records)
+    return round(padding / (tokens + padding), 4) if tokens + padding else None
 
 
 def _mean(values: list[float]) -> float:
