@@ -162,6 +162,7 @@ class TrainConfig:
     report_to: list[str] = _f([], "experiment trackers fed on the main process (loss, lr, tokens/s, grad norm, validation): tensorboard | wandb | mlflow | comet_ml | aim | clearml | dvclive | none; files go to <run_dir>/ranker/trackers")
     resume: bool = _f(True, "continue from the newest step-NNNNNN/ checkpoint in the run directory")
     seed: int = _f(42, "seed for data order and LoRA init")
+    packing: bool = _f(False, "padding-free micro-batches: the prompts of a micro-batch end to end in one row, each attending to itself only (transformers reads the boundaries off the restarting position ids), so no padding is computed; label logits and gradients equal the padded batch's to rounding (tests/test_modeling.py). Saves attention work only under model.attn_implementation=flash_attention_2 (variable-length kernel); under sdpa / eager the row gets a block-diagonal mask, whose attention costs the whole row's square, so leave it off there")
     length_grouping: int = _f(0, "group prompts of about one length into the same optimizer step, so micro-batches carry little padding: the seeded order is sorted by length within windows of this many optimizer steps, and the steps of a window shuffled (0 = off: uniform shuffle). The order stays the seed's alone, whatever the world size; ml-latest-small prompts at micro-batch 4, window 64: padded slots from 5.6% of those computed to 0.1-0.2%, a 97-98.5% cut (bench/results/padding.md). Nothing to cut at micro_batch_size 1")
 
 

@@ -56,6 +56,41 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("label_logits needs left-padded inputs: the last column of attention_mask has zeros")
+    return _answer_logits(model, label_ids, input_ids=input_ids,  # (B, L)
+                          attention_mask=attention_mask,  # (B, L)
+                          position_ids=left_pad_position_ids(attention_mask),  # (B, L)
+                          logits_to_keep=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device))  # the last column
+
+
+def pack(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts end to end in one row, without padding: (input_ids (1, T), position_ids (1, T), answer
+    positions (B,)), T the sum of the prompt lengths. Each prompt's positions start again at 0."""
+    input_ids = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long)[None]  # (1, T)
+    position_ids = torch.cat([torch.arange(len(tokens)) for tokens in token_lists])[None]  # (1, T)
+    ends = torch.tensor([len(tokens) for tokens in token_lists]).cumsum(0) - 1  # (B,) each prompt's last token
+    return input_ids, position_ids, ends
+
+
+def packed_label_logits(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor,
+                        label_ids: torch.Tensor) -> torch.Tensor:
+    """label_logits of prompts packed into one row (``pack``): float32 (B, K), one row per prompt.
+
+    No attention mask is passed: transformers then reads the sequence boundaries off the restarting
+    position_ids (masking_utils.find_packed_sequence_indices) and attends within each prompt only,
+    with a block-diagonal mask under sdpa / eager and as variable-length sequences under
+    flash_attention_2, the kernel where the padding-free row also saves attention work.
+    """
+    if input_ids.shape[0] != 1 or position_ids.shape != input_ids.shape:
+        raise ValueError(f"packed_label_logits needs one packed row, got input_ids {tuple(input_ids.shape)} and "
+                         f"position_ids {tuple(position_ids.shape)}")
+    return _answer_logits(model, label_ids, input_ids=input_ids,  # (1, T)
+                          position_ids=position_ids,  # (1, T)
+                          logits_to_keep=ends.to(input_ids.device))  # (B,) the answer positions
+
+
+def _answer_logits(model: Any, label_ids: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """Label logits (B, K) at the positions ``inputs['logits_to_keep']`` selects: the head sees (B, 1, D)
+    for left-padded rows, (1, B, D) for a packed one; either way B answer positions."""
     head = _plain_output_head(model)
     seen: dict[str, torch.Tensor] = {}
 
@@ -63,7 +98,7 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         # First of the head's pre-hooks: the hidden state as the model computed it. ZeRO-3's own
         # pre-hook then wraps the input to release the head's weight after the head's backward,
         # which never runs here (its full logits are not used), so the wrapped input must not be.
-        seen["h"] = args[0][:, -1, :]  # (B, D) the answer position
+        seen["h"] = args[0].reshape(-1, args[0].shape[-1])  # (B, D) the answer positions
 
     def take_rows(module: torch.nn.Linear, args: tuple) -> None:
         # Last of the pre-hooks: under ZeRO-3 / FSDP the weight is whole only from the backend's
@@ -78,20 +113,15 @@ def label_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     hooks = [head.register_forward_pre_hook(take_hidden, prepend=True),
              head.register_forward_pre_hook(take_rows)] if head is not None else []
     try:
-        out = model(
-            input_ids=input_ids,  # (B, L)
-            attention_mask=attention_mask,  # (B, L)
-            position_ids=left_pad_position_ids(attention_mask),  # (B, L)
-            logits_to_keep=torch.tensor([input_ids.shape[1] - 1], device=input_ids.device),  # (1,) the last column
-            use_cache=False,
-        )
+        out = model(**inputs, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
     if "w" in seen:
         logits = seen["h"].float() @ seen["w"].float().T  # (B, D) @ (D, K) -> (B, K)
         return logits + seen["b"].float() if "b" in seen else logits
-    return out.logits[:, -1, :].index_select(-1, label_ids.to(out.logits.device)).float()  # (B, V) -> (B, K)
+    full = out.logits.reshape(-1, out.logits.shape[-1])  # (B, V)
+    return full.index_select(-1, label_ids.to(full.device)).float()  # (B, K)
 
 
 def _plain_output_head(model: Any) -> torch.nn.Linear | None:

@@ -36,7 +36,7 @@ from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe,
                                      shards_weights, weights_held)
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.io import append_jsonl, read_jsonl, write_json
-from rerank_dist.label_scoring import label_logits, left_pad
+from rerank_dist.label_scoring import label_logits, left_pad, pack, packed_label_logits
 from rerank_dist.paths import RunPaths
 from rerank_dist.plan import plan_for
 from rerank_dist.score import evaluate_scores, score_prompts
@@ -77,7 +77,7 @@ def train(cfg: RunConfig) -> dict:
     # time an epoch starts, so a resumed run would shift the LoRA-dropout stream by one draw.
     order = _order(data.examples, tc)
     loader = DataLoader(data.examples, batch_size=plan.micro_batch_size, shuffle=order is None, sampler=order,
-                        collate_fn=_collate(data.pad_id), generator=torch.Generator().manual_seed(tc.seed))
+                        collate_fn=_collate(data.pad_id, tc.packing), generator=torch.Generator().manual_seed(tc.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     held, whole = weights_held(model)  # under zero3 / fsdp about 1/W of the model per process
     say(f"weights on this process: {held:,} of {whole:,} elements ({held / whole:.0%}) under {BACKEND_NAMES[tc.backend]}")
@@ -126,7 +126,7 @@ def train(cfg: RunConfig) -> dict:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             with accelerator.accumulate(model):
-                logits = label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids)  # (B, K)
+                logits = _label_logits(model, batch, label_ids)  # (B, K)
                 loss = F.cross_entropy(logits.float(), batch["labels"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -137,8 +137,8 @@ def train(cfg: RunConfig) -> dict:
             n = len(batch["labels"])
             window[0] += loss.detach().float() * n
             window[1] += n
-            window[2] += batch["attention_mask"].sum()
-            window[3] += batch["attention_mask"].numel()
+            window[2] += batch["tokens"]
+            window[3] += batch["input_ids"].numel()
             if not accelerator.sync_gradients:
                 continue
 
@@ -297,12 +297,23 @@ def _order(examples: Any, tc: Any) -> Any:
     return LengthGroupedSampler(examples.lengths(), tc.batch_size, tc.length_grouping, tc.seed)
 
 
-def _collate(pad_id: int):
+def _collate(pad_id: int, packing: bool):
     def collate(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = left_pad([tokens for tokens, _ in rows], pad_id)  # (B, L), (B, L)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.tensor([label for _, label in rows], dtype=torch.long)}  # (B,)
+        prompts = [tokens for tokens, _ in rows]
+        batch = {"labels": torch.tensor([label for _, label in rows], dtype=torch.long),  # (B,)
+                 "tokens": torch.tensor(sum(map(len, prompts)))}  # real tokens, padding left out
+        if packing:  # one row, no padding (label_scoring.pack)
+            batch["input_ids"], batch["position_ids"], batch["ends"] = pack(prompts)  # (1, T), (1, T), (B,)
+        else:
+            batch["input_ids"], batch["attention_mask"] = left_pad(prompts, pad_id)  # (B, L), (B, L)
+        return batch
     return collate
+
+
+def _label_logits(model, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
+    if "ends" in batch:
+        return packed_label_logits(model, batch["input_ids"], batch["position_ids"], batch["ends"], label_ids)
+    return label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids)
 
 
 def _total_steps(cfg: RunConfig, batches_per_epoch: int, accumulation: int) -> int:
@@ -438,7 +449,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
             "dtype": dtype, "dtype_reason": dtype_reason,
             "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
             # tokens/s counts real tokens only; padding: the share of computed slots that were padding
-            "length_grouping": cfg.train.length_grouping,
+            "length_grouping": cfg.train.length_grouping, "packing": cfg.train.packing,
             "padding_share": _padding_share(records),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),

@@ -177,6 +177,33 @@ def test_label_logits_equal_slice_of_full_logits(tiny_dirs, arch):
     torch.testing.assert_close(got, full[:, -1, labels], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen3", "sdpa"), ("qwen3", "eager")])
+def test_packed_prompts_give_the_padded_batchs_label_logits_and_gradients(tiny_dirs, arch, attn):
+    """train.packing: prompts end to end in one row, boundaries read off the restarting position ids,
+    against the left-padded batch: the same label logits and LoRA gradients (fp32, to rounding)."""
+    cfg = _cfg(tiny_dirs[arch], attn_implementation=attn, lora_target_modules=["q_proj", "v_proj"])
+    tok, model = M.load_tokenizer(cfg), M.load_model(cfg, training=True)
+    lists = [tok(p).input_ids for p in PROMPTS]
+    assert len({len(t) for t in lists}) == len(lists)  # the precondition: padding to cut, of several widths
+    labels, target = _label_ids(tok), torch.tensor([0, 2, 1])
+    ids, mask = LS.left_pad(lists, tok.pad_token_id)
+    packed_ids, positions, ends = LS.pack(lists)
+    assert packed_ids.shape == (1, sum(map(len, lists))) and ends.tolist()[-1] == packed_ids.shape[1] - 1
+    results = []
+    for logits_of in (lambda: LS.label_logits(model, ids, mask, labels),
+                      lambda: LS.packed_label_logits(model, packed_ids, positions, ends, labels)):
+        model.zero_grad()
+        logits = logits_of()  # (B, K)
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (padded, grads_padded), (packed, grads_packed) = results
+    assert packed.shape == (len(PROMPTS), len(labels))
+    torch.testing.assert_close(packed, padded, atol=TOL, rtol=0)
+    assert grads_padded.keys() == grads_packed.keys() and any(g.abs().max() > 0 for g in grads_padded.values())
+    for name in grads_padded:
+        torch.testing.assert_close(grads_packed[name], grads_padded[name], atol=TOL, rtol=1e-4)
+
+
 def test_label_logits_with_an_adapted_head_use_the_models_own_logits(tiny_dirs):
     """With LoRA on lm_head, the label scores are the last hidden state projected by the adapted head,
     W + scale * B @ A (here computed by hand), not by its base weight W."""
