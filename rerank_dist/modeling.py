@@ -128,8 +128,15 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant checkpointing needs no input-grad hook
     if cfg.quantization == "nf4" and not sharded:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training, and enables checkpointing.
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+        if not cfg.upcast_fp32:
+            # Back to the dtype they were loaded in: under bf16 autocast fp32 norms and embeddings
+            # turn much of the activation traffic into fp32 for no gain in the loss (docs/performance.md).
+            for name, p in model.named_parameters():
+                if p.dtype != loaded[name]:
+                    p.data = p.data.to(loaded[name])
     elif cfg.gradient_checkpointing:
         # Sharded 4-bit weights skip prepare_model_for_kbit_training: its fp32 copies of the
         # embeddings and norms would double their sharded size for no gain in bf16 training.
