@@ -135,6 +135,7 @@ class ModelConfig:
     lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
     lora_layers: int = _f(10, "adapters only in the last N decoder layers (0, or N at least the model's layer count = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.68x the examples per second, 2.42x with 10 history titles instead of 20; bench/results/lora_layers.md). The memory estimate counts the adapters of those layers only, but the activations of every layer (an upper bound)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
+    compile: str = _f("none", "training: regional torch.compile of each decoder layer (LoRA layers inside): none | inductor (torch.compile's default backend, generated fused kernels; on a CPU the first step compiles for about a minute) | aot_eager (traced, no kernels generated: checks that the model compiles, gains nothing)")
     upcast_fp32: bool = _f(True, "quantization=nf4, training: keep PEFT's prepare_model_for_kbit_training upcast of the weights that are not 4-bit (embeddings, norms, the head) to float32; false keeps them in model.dtype, so under bf16 autocast they do not turn activations into fp32 (LoRA weights stay float32 either way). CPU, tiny NF4 model under bf16 autocast: losses within 1.3e-3 of the upcast path over 8 steps (docs/performance.md)")
 
 
@@ -232,6 +233,7 @@ _CHOICES = {
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},  # rerank_dist.hardware.DTYPES
     "model.quantization": {"none", "nf4"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
+    "model.compile": {"none", "inductor", "aot_eager"},
     "train.backend": {"ddp", "zero2", "zero3", "fsdp"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
     "train.lr_schedule": {"linear", "constant"},

@@ -149,7 +149,29 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
                 # the layout its shards were cut in.
                 module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, lora_config(cfg, num_decoder_layers(model)))
+    if cfg.compile != "none":
+        compile_decoder_layers(model, cfg.compile)
     return model.train()
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The backbone's decoder layers (the ModuleList named ...layers holding one per layer)."""
+    count = num_decoder_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == count:
+            return list(module)
+    raise ValueError(f"{type(model).__name__}: no ModuleList of its {count} decoder layers found to compile")
+
+
+def compile_decoder_layers(model: Any, backend: str) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (nn.Module.compile), its LoRA layers
+    inside. The layers share one architecture, so the graph is traced once and reused by every layer
+    (a whole-model compile would trace all of them, and recompile for the head's varying inputs)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    log.info("compiled %d decoder layers (torch.compile backend %s)", len(layers), backend)
+    return len(layers)
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:

@@ -450,7 +450,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
             "tokens_per_s": _mean([r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]),
             # tokens/s counts real tokens only; padding: the share of computed slots that were padding
             "length_grouping": cfg.train.length_grouping, "packing": cfg.train.packing,
-            "upcast_fp32": cfg.model.upcast_fp32,
+            "upcast_fp32": cfg.model.upcast_fp32, "compile": cfg.model.compile,
             "padding_share": _padding_share(records),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),
