@@ -1,71 +1,104 @@
 #!/usr/bin/env bash
-# The GPU kit: every check that needs a CUDA GPU, through the paths users run. Results under ${OUT:-runs/bench}.
-#   bash bench/gpu_prepare.sh        # first, where pip works: wheels + a prepared run into .gpu/
+# The GPU kit: the speed benchmark on one GPU, in one call of at most ~9 minutes. Results under ${OUT:-runs/bench}.
+#   bash bench/gpu_prepare.sh        # first, where pip works: wheels (bitsandbytes, deepspeed, trl) + a prepared run into .gpu/
 #   bash bench/gpu.sh                # then on the GPU machine, from the checkout root (with .gpu/)
-# 1. the dry-run plan (memory estimate before any weight is loaded);
-# 2. `rerank-dist launch train`: one process per visible GPU, QLoRA (NF4, bf16 autocast, LoRA r=16 on
-#    q/k/v/o, gradient checkpointing, batch 16 = GPUs x micro-batch x accumulation) of a random-weight
-#    Qwen3-4B on the bundled ml-latest-small prompts (<= 1536 tokens): tokens/s, peak memory;
-# 3. `rerank-dist launch score`: all 610 test users, batch 16: prompts/s, peak memory;
-# 4. the same training under DeepSpeed ZeRO-3 (train.backend=zero3: sharded NF4 stored as bf16, the
-#    adapter gathered at save), its tokens/s and peak memory next to its dry-run estimate;
-# 5. the memory estimate against measured peaks (tests/test_memory.py -m gpu).
-set -euo pipefail
+#   python3 bench/gpu_table.py "$OUT" --dest bench/results/gpu   # back here: the table into the repository
+# Every row trains a random-weight Qwen3-4B on the bundled ml-latest-small prompts (<= 1536 tokens) for
+# $STEPS optimizer steps of 16 examples, micro-batch 4, LoRA r=16 on q/k/v/o, bf16 autocast:
+#   trl            TRL SFTTrainer with the baseline's settings (bench/gpu_trl.py says what differs)
+#   ours           rerank-dist train with the baseline's settings: NF4, gradient checkpointing (today's recipe)
+#   ours_all       every option below at once
+#   grouping, packing, bf16_norms, ckpt_auto, quant_auto, compile   each option alone
+#   score_nf4, score_merged   rerank-dist score of the ours adapter: 4-bit + adapter, and merged 16-bit weights
+#   zero3, fsdp    smoke runs of the two sharding backends on this one GPU (2 steps)
+# then, time permitting, the memory estimate against measured peaks (tests/test_memory.py -m gpu).
+# Rows run in that order until $BUDGET_S seconds have passed; the ones left are marked skipped. A failing
+# row is marked failed (its log's tail in NAME.log) and the next one runs.
+set -uo pipefail
 OUT="${OUT:-runs/bench}"
-STEPS="${STEPS:-8}"
+STEPS="${STEPS:-5}"
+BUDGET_S="${BUDGET_S:-480}"  # no row starts after this; a running one is cut 40 s past it
+START=$SECONDS
 mkdir -p "$OUT"
-if ! python3 -c "import bitsandbytes, deepspeed" 2>/dev/null; then
-  ls .gpu/whl/*.whl >/dev/null 2>&1 || { echo "bitsandbytes/deepspeed missing: run bench/gpu_prepare.sh and carry .gpu/"; exit 1; }
+: > "$OUT/rows.txt"
+if ! python3 -c "import bitsandbytes, deepspeed, trl" 2>/dev/null; then
+  ls .gpu/whl/*.whl >/dev/null 2>&1 || { echo "bitsandbytes/deepspeed/trl missing: run bench/gpu_prepare.sh and carry .gpu/"; exit 1; }
   python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/whl/*.whl
   export PYTHONPATH="$PWD/.gpu/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 [ -f .gpu/run/retriever/stage.json ] || { echo "no prepared run in .gpu/run: run bench/gpu_prepare.sh"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, accelerate, peft, bitsandbytes as b, deepspeed; print('torch', torch.__version__, \
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, accelerate, peft, trl, bitsandbytes as b, deepspeed; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, \
-'bitsandbytes', b.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
+'trl', trl.__version__, 'bitsandbytes', b.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
+cp configs/models/qwen3-4b/config.json "$OUT/model_config.json"
 
 MODEL="$(mktemp -d)/qwen3-4b-random"  # 8 GB of random bf16 weights, outside the checkout
 python3 bench/random_model.py --arch configs/models/qwen3-4b --out "$MODEL" --device cuda | tee -a "$OUT/gpu.txt"
-SETTINGS=(run_dir=.gpu/run "model.name_or_path=$MODEL" model.gguf_fallback=false model.dtype=bfloat16
+BASE=(run_dir=.gpu/run "model.name_or_path=$MODEL" model.gguf_fallback=false model.dtype=bfloat16
   model.quantization=nf4 model.lora_r=16 model.lora_alpha=32 "model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]"
   model.gradient_checkpointing=true prompt.history_items=20 prompt.title_max_tokens=32 prompt.max_prompt_tokens=1536
   prompt.max_train_examples=0 train.mixed_precision=bf16 train.batch_size=16 train.micro_batch_size=4 train.lr=1e-4
-  train.warmup_steps=2 "train.max_steps=$STEPS" train.eval_every=1000 train.eval_users=32 train.save_every=0
-  train.save_every_minutes=0 train.max_minutes=0 score.batch_size=16 export.in_run=false)
+  train.warmup_steps=1 "train.max_steps=$STEPS" train.eval_every=1000 train.eval_users=16 train.save_every=0
+  train.save_every_minutes=0 train.max_minutes=0 score.batch_size=16 score.max_users=320 score.fusion=false
+  export.in_run=false)
+# The scorer's batching by tokens, where this checkout has it.
+SCORE_BUDGET=()
+if python3 -m rerank_dist.cli config --fields | grep -q '^score.token_budget '; then SCORE_BUDGET=(score.token_budget=16384); fi
+PACK_ATTN=()  # packing saves attention work with the variable-length kernel only
+if python3 -c "import flash_attn" 2>/dev/null; then PACK_ATTN=(model.attn_implementation=flash_attention_2); fi
 
-rm -rf .gpu/run_zero3 && cp -r .gpu/run .gpu/run_zero3 && rm -rf .gpu/run_zero3/ranker  # data + retriever only
-python3 -m rerank_dist.cli launch train "${SETTINGS[@]}" --dry-run | tee "$OUT/plan.txt"
-python3 -m rerank_dist.cli launch train "${SETTINGS[@]}" > "$OUT/train.log" 2>&1 || { tail -40 "$OUT/train.log"; exit 1; }
-python3 -m rerank_dist.cli launch score "${SETTINGS[@]}" > "$OUT/score.log" 2>&1 || { tail -40 "$OUT/score.log"; exit 1; }
-cp .gpu/run/ranker/train_summary.json .gpu/run/ranker/train_log.jsonl .gpu/run/metrics_test.json "$OUT/"
-python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-s, m = json.load(open(f"{out}/train_summary.json")), json.load(open(f"{out}/metrics_test.json"))
-print(f"train: {s['steps']} steps on {s['world_size']} process(es), accumulation {s['accumulation']}, "
-      f"{s['tokens_per_s']:.0f} tokens/s (steps 2..), peak {s['peak_memory_gib']} GiB, "
-      f"loss {s['loss_first_steps']:.3f} -> {s['loss_last_steps']:.3f}")
-print(f"score: {m['reranker']['num_users']} users on {m['world_size']} process(es), {m['prompts_per_second']:.1f} "
-      f"prompts/s, peak {m['peak_memory_gib']} GiB")
-PY
-# 4. ZeRO-3: the same run, weights sharded over the GPUs.
-python3 -m rerank_dist.cli launch train "${SETTINGS[@]}" run_dir=.gpu/run_zero3 train.backend=zero3 --dry-run \
-  | tee "$OUT/plan_zero3.txt"
-python3 -m rerank_dist.cli launch train "${SETTINGS[@]}" run_dir=.gpu/run_zero3 train.backend=zero3 \
-  > "$OUT/train_zero3.log" 2>&1 || { tail -40 "$OUT/train_zero3.log"; exit 1; }
-cp .gpu/run_zero3/ranker/train_summary.json "$OUT/train_summary_zero3.json"
-python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-for name, summary in (("ddp", "train_summary.json"), ("zero3", "train_summary_zero3.json")):
-    s = json.load(open(f"{out}/{summary}"))
-    plan = open(f"{out}/{'plan.txt' if name == 'ddp' else 'plan_zero3.txt'}").read()
-    estimate = next((line.split("≈ ")[1].split(" GiB")[0] for line in plan.splitlines() if line.startswith("memory: ≈")), "?")
-    print(f"{name}: {s['world_size']} GPU(s), {s['tokens_per_s']:.0f} tokens/s, peak {s['peak_memory_gib']} GiB per GPU "
-          f"(dry-run estimate {estimate} GiB), loss {s['loss_first_steps']:.3f} -> {s['loss_last_steps']:.3f}")
-PY
-timeout 120 python3 -m pytest -q -m gpu tests/test_memory.py -p no:cacheprovider > "$OUT/memory_check.log" 2>&1 \
-  || echo "memory check did not pass (see memory_check.log)"
-tail -3 "$OUT/memory_check.log"
+# row NAME KIND ARGS...: run one row (KIND: trl | train | score) in its own run directory.
+row() {
+  local name=$1 kind=$2
+  shift 2
+  echo "$name" >> "$OUT/rows.txt"
+  echo "$*" > "$OUT/$name.args"
+  if (( SECONDS - START > BUDGET_S )); then
+    echo "skipped the kit's ${BUDGET_S} s budget was spent" > "$OUT/$name.status"
+    return
+  fi
+  local dir=".gpu/rows/$name" rc=0 left=$(( BUDGET_S + 40 - (SECONDS - START) ))
+  (( left > 300 )) && left=300
+  rm -rf "$dir" && mkdir -p .gpu/rows && cp -r .gpu/run "$dir"  # data, retriever and (after ours) the examples store
+  echo "== $name ($kind) $* [$(( SECONDS - START )) s]"
+  case $kind in
+    trl) timeout "$left" python3 bench/gpu_trl.py --out "$OUT/$name.summary.json" -- "${BASE[@]}" "run_dir=$dir" "$@" \
+           > "$OUT/$name.log" 2>&1 || rc=$? ;;
+    train) timeout "$left" python3 -m rerank_dist.cli launch --nproc-per-node 1 train "${BASE[@]}" "run_dir=$dir" "$@" \
+             > "$OUT/$name.log" 2>&1 || rc=$?
+           [ "$rc" = 0 ] && cp "$dir/ranker/train_summary.json" "$OUT/$name.summary.json" ;;
+    score) rm -rf "$dir/ranker" && cp -r .gpu/rows/ours/ranker "$dir/ranker"
+           timeout "$left" python3 -m rerank_dist.cli launch --nproc-per-node 1 score "${BASE[@]}" "run_dir=$dir" "$@" \
+             > "$OUT/$name.log" 2>&1 || rc=$?
+           [ "$rc" = 0 ] && cp "$dir/metrics_test.json" "$OUT/$name.metrics.json" ;;
+  esac
+  if [ "$rc" = 0 ]; then echo "ok" > "$OUT/$name.status"
+  elif [ "$rc" = 124 ]; then echo "failed cut at the kit's budget (timeout)" > "$OUT/$name.status"
+  else echo "failed exit $rc" > "$OUT/$name.status"; tail -5 "$OUT/$name.log"; fi
+}
+
+python3 -m rerank_dist.cli launch --nproc-per-node 1 train "${BASE[@]}" --dry-run | tee "$OUT/plan.txt"
+row ours train
+# The examples store is built once (by ours): every later row copies it with the run.
+[ -d .gpu/rows/ours/examples ] && rm -rf .gpu/run/examples && cp -r .gpu/rows/ours/examples .gpu/run/examples
+row trl trl
+row ours_all train train.length_grouping=64 model.upcast_fp32=false model.gradient_checkpointing=auto \
+  model.quantization=auto model.compile=inductor
+row grouping train train.length_grouping=64
+row packing train train.packing=true "${PACK_ATTN[@]}"
+row bf16_norms train model.upcast_fp32=false
+row ckpt_auto train model.gradient_checkpointing=auto
+row quant_auto train model.quantization=auto
+row score_nf4 score "${SCORE_BUDGET[@]}"
+row score_merged score score.merged_weights=true "${SCORE_BUDGET[@]}"
+row compile train model.compile=inductor
+row zero3 train train.backend=zero3 train.max_steps=2
+row fsdp train train.backend=fsdp train.max_steps=2
+if (( SECONDS - START < BUDGET_S - 60 )); then  # the memory estimate against measured peaks, time permitting
+  timeout 100 python3 -m pytest -q -m gpu tests/test_memory.py -p no:cacheprovider > "$OUT/memory_check.log" 2>&1 \
+    || echo "memory check did not pass (see memory_check.log)"
+fi
+echo "kit: $(( SECONDS - START )) s"
+python3 bench/gpu_table.py "$OUT"

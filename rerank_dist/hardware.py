@@ -110,3 +110,15 @@ def _cpu_dtype() -> tuple[str, str]:
         return "bfloat16", f"CPU {capability} with AVX512-BF16: native bfloat16"
     missing = " (torch has no bf16 probe)" if amx is None and avx512_bf16 is None else ""
     return "float32", f"CPU {capability} without native bfloat16{missing} (bf16 would be ~30x slower): float32"
+
+
+def device_memory_bytes(device: Any = None) -> int:
+    """Memory the device offers a process: a GPU's total memory, a CPU's RAM (default: CPU)."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)

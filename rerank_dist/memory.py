@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rerank_dist.config import ModelConfig
+from rerank_dist.config import ModelConfig, checkpointing_on
 from rerank_dist.hardware import planned_dtype
 
 log = logging.getLogger(__name__)
@@ -557,8 +557,9 @@ def _stored(lay: _Layout, model_cfg: ModelConfig, backend: str, mixed_precision:
     dtype_bytes = _DTYPE_BYTES[model_cfg.dtype]
     half = mixed_precision in {"bf16", "fp16"}
     sharded = backend in {"zero3", "fsdp"}
-    plain_bytes = {"ddp": 4 if nf4 else dtype_bytes,
-                   "zero2": 2 if half else (4 if nf4 else dtype_bytes),
+    upcast = nf4 and model_cfg.upcast_fp32  # model.upcast_fp32=false keeps them in the model dtype
+    plain_bytes = {"ddp": 4 if upcast else dtype_bytes,
+                   "zero2": 2 if half else (4 if upcast else dtype_bytes),
                    "zero3": 2 if half else 4,
                    "fsdp": dtype_bytes}[backend]
     lora_bytes = 2 if backend == "zero2" and half else 4
@@ -767,7 +768,7 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
 
     # ---- weights held whole while computed.
     if backend == "zero3":
-        gathered, gathered_blocks = _zero3_gathered(entries, lay.num_layers, model_cfg.gradient_checkpointing)
+        gathered, gathered_blocks = _zero3_gathered(entries, lay.num_layers, checkpointing_on(model_cfg))
     elif backend == "fsdp":
         gathered, gathered_blocks = _fsdp_gathered(entries, mixed_precision, nf4)
     else:
@@ -780,7 +781,7 @@ def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: in
     adapted_blocks = len(_adapters(lay, model_cfg).blocks)  # model.lora_layers: the last N blocks, or all
     layer_lora = tokens * per_tok["lora"]  # in each adapted block only
     layer_full = tokens * sum(per_tok[k] for k in ("norms", "qk_norms", "attention", "mlp")) + layer_lora
-    if model_cfg.gradient_checkpointing:
+    if checkpointing_on(model_cfg):
         # Each block keeps only its input hidden state (B, L, h); in backward one block at a time
         # is re-run and its full activations exist again while it is differentiated.
         kept = lay.num_layers * tokens * lay.hidden * residual + layer_full
@@ -865,4 +866,4 @@ def _summary(backend: str, world_size: int, model_cfg: ModelConfig, prec: _Preci
     return (f"≈ {_gib(parts['total'])} GiB per device ({where}: weights {weights_note}, "
             f"LoRA+AdamW {_gib(parts['lora_adamw'])}{buckets}, activations {_gib(parts['activations'])} "
             f"{prec.label} at micro-batch {micro_batch} x {seq_len} tokens, checkpointing "
-            f"{'on' if model_cfg.gradient_checkpointing else 'off'}, +{OVERHEAD_BYTES / GIB:.2f} overhead)")
+            f"{'on' if checkpointing_on(model_cfg) else 'off'}, +{OVERHEAD_BYTES / GIB:.2f} overhead)")

@@ -8,6 +8,7 @@ only when the config says ``trust_remote_code``. Where the weights come from is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rerank_dist.config import ModelConfig
+from rerank_dist.config import ModelConfig, checkpointing_on
 from rerank_dist.extras import require
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.model_source import resolve_model_source
@@ -125,11 +126,12 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model.config.use_cache = False  # no generation while training; a KV cache only costs memory
+    checkpointing = checkpointing_on(cfg)
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant checkpointing needs no input-grad hook
     if cfg.quantization == "nf4" and not sharded:
         # Freezes the base, upcasts norms/embeddings to fp32 for stable training, and enables checkpointing.
         loaded = {name: p.dtype for name, p in model.named_parameters()}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
         if not cfg.upcast_fp32:
             # Back to the dtype they were loaded in: under bf16 autocast fp32 norms and embeddings
@@ -137,7 +139,7 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
             for name, p in model.named_parameters():
                 if p.dtype != loaded[name]:
                     p.data = p.data.to(loaded[name])
-    elif cfg.gradient_checkpointing:
+    elif checkpointing:
         # Sharded 4-bit weights skip prepare_model_for_kbit_training: its fp32 copies of the
         # embeddings and norms would double their sharded size for no gain in bf16 training.
         _enable_checkpointing(model, ckpt_kwargs)
@@ -191,6 +193,21 @@ def load_for_scoring(cfg: ModelConfig, adapter_dir: Path, device: torch.device |
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         # PEFT would fall back to a pickled adapter_model.bin; only safetensors are read here.
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
+    if cfg.quantization == "auto":  # as training decided it on its device (plan.resolve_auto)
+        cfg = dataclasses.replace(cfg, quantization=trained_quantization(adapter_dir))
     base = load_base_model(cfg, device=device, source=source)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False, use_safetensors=True)
     return model.eval()
+
+
+def trained_quantization(adapter_dir: Path) -> str:
+    """model.quantization the adapter in adapter_dir was trained with: its checkpoint's config.yaml
+    (train records model.quantization=auto as decided there)."""
+    import yaml
+
+    recorded = Path(adapter_dir) / "config.yaml"
+    value = (yaml.safe_load(recorded.read_text()) or {}).get("model", {}).get("quantization") if recorded.is_file() else None
+    if value not in ("none", "nf4"):
+        raise FileNotFoundError(f"{recorded}: model.quantization=auto needs the quantization training chose, "
+                                f"recorded there; found {value!r}")
+    return value

@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rerank_dist.config import ConfigError, RunConfig
 
@@ -99,6 +100,65 @@ def plan_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     return []
 
 
+# ---------------------------------------------------------------- model.gradient_checkpointing / quantization auto
+
+# A run is taken to fit when the estimate is at most this share of the device's memory: the estimate
+# is a model (memory.py), and the allocator's fragmentation comes on top of it.
+AUTO_HEADROOM = 0.9
+
+
+def resolve_auto(cfg: RunConfig, plan: BatchPlan, device_bytes: int, device: str = "cuda") -> tuple[Any, dict]:
+    """model.gradient_checkpointing / model.quantization with auto decided for a device of
+    ``device_bytes``: (the ModelConfig with concrete values, a record of the choice and its reason).
+
+    The fastest setting whose training-memory estimate fits is taken, in this order: neither, checkpointing
+    alone, 4-bit alone, both (checkpointing costs about a third more compute; bitsandbytes' 4-bit
+    matmuls run at about 0.6x of 16-bit ones, so 4-bit comes after it). Only the fields set to auto
+    vary. With no estimate (no config.json offline) or nothing that fits, the last (least memory) is taken.
+    """
+    import dataclasses
+
+    from rerank_dist.hardware import resolve_dtype
+    from rerank_dist.memory import GIB, estimate_training_memory, find_architecture
+
+    mc = cfg.model
+    asked = {"gradient_checkpointing": mc.gradient_checkpointing, "quantization": mc.quantization}
+    ckpt = ["false", "true"] if mc.gradient_checkpointing == "auto" else [
+        "true" if mc.gradient_checkpointing in (True, "true") else "false"]
+    quant = ["none", "nf4"] if mc.quantization == "auto" else [mc.quantization]
+    options = [(q, c) for q in quant for c in ckpt]
+    record: dict[str, Any] = {"asked": asked, "device_gib": round(device_bytes / GIB, 1), "headroom": AUTO_HEADROOM}
+    if "auto" not in asked.values():
+        return mc, {**record, "gradient_checkpointing": ckpt[0], "quantization": quant[0], "reason": "set in the config"}
+    found = find_architecture(mc.name_or_path, mc.cache_dir)
+    chosen, reason, estimates = options[-1], "", {}
+    if found is None:
+        reason = f"no config.json for {mc.name_or_path} offline, so no memory estimate: the least-memory setting"
+    else:
+        arch, _ = found
+        dtype = resolve_dtype(mc.dtype, device)[0]
+        budget = AUTO_HEADROOM * device_bytes
+        for q, c in options:
+            trial = dataclasses.replace(mc, dtype=dtype, quantization=q, gradient_checkpointing=c)
+            total = estimate_training_memory(arch, trial, plan.micro_batch_size, cfg.prompt.max_prompt_tokens,
+                                             plan.world_size, mixed_precision=cfg.train.mixed_precision,
+                                             backend=cfg.train.backend)["total"]
+            estimates[f"quantization={q}, gradient_checkpointing={c}"] = round(total / GIB, 2)
+            if total <= budget:
+                chosen = (q, c)
+                reason = (f"estimate {total / GIB:.1f} GiB fits {AUTO_HEADROOM:.0%} of the device's "
+                          f"{device_bytes / GIB:.1f} GiB")
+                break
+        else:
+            reason = (f"no setting fits {AUTO_HEADROOM:.0%} of the device's {device_bytes / GIB:.1f} GiB by the "
+                      f"estimate: the least-memory one")
+    q, c = chosen
+    record.update({"gradient_checkpointing": c, "quantization": q, "reason": reason,
+                   "estimates_gib": estimates, "micro_batch": plan.micro_batch_size,
+                   "seq_len": cfg.prompt.max_prompt_tokens})
+    return dataclasses.replace(mc, quantization=q, gradient_checkpointing=c), record
+
+
 # ---------------------------------------------------------------- the dry run
 
 
@@ -149,6 +209,13 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     if cpu is None:
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
     gpu = torch.cuda.is_available() and not cpu
+    auto_lines = []
+    if "auto" in (mc.gradient_checkpointing, mc.quantization):
+        from rerank_dist.hardware import device_memory_bytes
+
+        mc, choice = resolve_auto(cfg, plan, device_memory_bytes("cuda" if gpu else "cpu"), "cuda" if gpu else "cpu")
+        auto_lines.append(f"auto: quantization {choice['quantization']}, gradient checkpointing "
+                          f"{choice['gradient_checkpointing']} on this device ({choice['reason']})")
     device = f"cuda ({torch.cuda.get_device_name(0)})" if gpu else "cpu"
     # DeepSpeed and FSDP set up their process group even for one process; plain DDP does not.
     backend = ("single process" if plan.world_size == 1 and tc.backend == "ddp"
@@ -172,6 +239,7 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     # model.dtype auto as the processes would resolve it, on this machine's GPU or CPU.
     dtype, dtype_reason = resolve_dtype(mc.dtype, "cuda" if gpu else "cpu")
     weights = f"{dtype} ({dtype_reason})" if mc.dtype == "auto" else dtype
+    lines += auto_lines
     lines.append(f"precision: weights {weights}, quantization {mc.quantization}, {mixed}; "
                  f"LoRA r={mc.lora_r} on {','.join(mc.lora_target_modules)}"
                  + (f" (last {mc.lora_layers} layers)" if mc.lora_layers else ""))

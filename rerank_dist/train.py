@@ -14,6 +14,7 @@ sharded validation, who writes what) is here, in ``score.py`` or in ``distribute
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -34,11 +35,11 @@ from rerank_dist.config import RunConfig, labels_for, save_config
 from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe, keep_adapter_only,
                                      load_checkpoint, peak_memory_gib, release_backend, save_checkpoint,
                                      shards_weights, weights_held)
-from rerank_dist.hardware import resolve_dtype
+from rerank_dist.hardware import device_memory_bytes, resolve_dtype
 from rerank_dist.io import append_jsonl, read_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad, pack, packed_label_logits
 from rerank_dist.paths import RunPaths
-from rerank_dist.plan import plan_for
+from rerank_dist.plan import plan_for, resolve_auto
 from rerank_dist.score import evaluate_scores, score_prompts
 
 
@@ -65,6 +66,12 @@ def train(cfg: RunConfig) -> dict:
     say = accelerator.print
     say(f"{describe(accelerator)}; backend {BACKEND_NAMES[tc.backend]}")
 
+    # model.gradient_checkpointing / quantization auto: decided here, for this device, before loading
+    model_cfg, memory_choice = resolve_auto(cfg, plan, device_memory_bytes(accelerator.device), accelerator.device.type)
+    if memory_choice["reason"] != "set in the config":
+        say(f"auto: quantization {memory_choice['quantization']}, gradient checkpointing "
+            f"{memory_choice['gradient_checkpointing']} ({memory_choice['reason']})")
+    cfg = dataclasses.replace(cfg, model=model_cfg)  # the checkpoints' config.yaml records the choice; scoring reads it
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(accelerator, cfg, paths, tokenizer, say)
     # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
@@ -204,6 +211,7 @@ def train(cfg: RunConfig) -> dict:
     summary["stopped_by"] = ("early_stopping" if stopped_early else "steps" if state.step >= total_steps
                              else "max_minutes")
     summary["weights_held_share"] = round(held / whole, 4)  # of the main process
+    summary["memory_options"] = memory_choice  # gradient checkpointing and quantization, and why
     if accelerator.is_main_process:
         write_json(paths.ranker / "train_summary.json", summary)
     accelerator.wait_for_everyone()

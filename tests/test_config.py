@@ -35,7 +35,8 @@ def test_run_configs_load_and_validate(path):
         if isinstance(values, dict):
             for key, value in values.items():
                 got = getattr(getattr(cfg, section), key)
-                assert got == value or (isinstance(value, float) and got == pytest.approx(value)), (section, key)
+                assert got == value or (isinstance(value, float) and got == pytest.approx(value)) or (
+                    isinstance(value, bool) and got == str(value).lower()), (section, key)  # true|false|auto fields
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)

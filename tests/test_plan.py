@@ -157,3 +157,61 @@ def test_training_examples_are_counted_from_the_sequences_without_a_candidates_f
     assert _training_examples(cfg)[0] == 5
     cfg.retriever.train_candidates = "same"
     assert _training_examples(cfg) == (1, f"1 training prefixes in {stale}")
+
+
+# ---------------------------------------------------------------- model.gradient_checkpointing / quantization auto
+
+
+def _auto(device_gib: float, *overrides: str) -> dict:
+    from rerank_dist.memory import GIB
+    from rerank_dist.plan import resolve_auto
+
+    cfg = load_config(CONFIGS / "qwen3_4b_qlora.yaml", overrides=["model.quantization=auto",
+                                                                  "model.gradient_checkpointing=auto", *overrides],
+                      world_size=1)
+    model, record = resolve_auto(cfg, plan_for(cfg, 1), int(device_gib * GIB), "cuda")
+    assert (model.quantization, model.gradient_checkpointing) == (record["quantization"], record["gradient_checkpointing"])
+    return record
+
+
+def test_auto_takes_the_fastest_setting_that_the_estimate_fits_into_the_device():
+    """Qwen3-4B at micro-batch 4 x 1536 tokens (the recipe), with fake device memories: a large card runs
+    16-bit without checkpointing, smaller ones turn on checkpointing, then 4-bit, then both."""
+    big = _auto(1000)
+    est = big["estimates_gib"]
+    assert list(est) == ["quantization=none, gradient_checkpointing=false"]  # the first fits: no more tried
+    plain = est["quantization=none, gradient_checkpointing=false"]
+    assert (big["quantization"], big["gradient_checkpointing"]) == ("none", "false") and "fits" in big["reason"]
+    every = _auto(1)["estimates_gib"]  # nothing fits 1 GiB: every option estimated, the least-memory one taken
+    assert list(every) == ["quantization=none, gradient_checkpointing=false", "quantization=none, gradient_checkpointing=true",
+                           "quantization=nf4, gradient_checkpointing=false", "quantization=nf4, gradient_checkpointing=true"]
+    ckpt, nf4, both = (every[k] for k in list(every)[1:])
+    print(f"Qwen3-4B estimates, GiB: {every}")
+    assert both < ckpt < plain  # the precondition: each of these steps saves memory
+    # A device just above an option's estimate / headroom gets it, unless a faster one fits too.
+    for gib in (ckpt / 0.9 + 0.1, both / 0.9 + 0.1, nf4 / 0.9 + 0.1):
+        record = _auto(gib)
+        fitting = [k for k, v in every.items() if v <= 0.9 * gib]
+        assert f"quantization={record['quantization']}, gradient_checkpointing={record['gradient_checkpointing']}" \
+            == fitting[0], (gib, record)
+    assert (_auto(ckpt / 0.9 + 0.1)["quantization"], _auto(both / 0.9 + 0.1)["quantization"]) == ("none", "nf4")
+    lost = _auto(1)
+    assert (lost["quantization"], lost["gradient_checkpointing"]) == ("nf4", "true") and "no setting fits" in lost["reason"]
+
+
+def test_auto_varies_only_the_fields_set_to_auto_and_a_forced_qlora_stays():
+    forced = _auto(1000, "model.quantization=nf4")  # the recipes' way to force QLoRA
+    assert forced["quantization"] == "nf4" and forced["gradient_checkpointing"] == "false"
+    cfg = load_config(CONFIGS / "qwen3_4b_qlora.yaml", world_size=1)
+    assert (cfg.model.quantization, cfg.model.gradient_checkpointing) == ("nf4", "true")  # the recipe as shipped
+    from rerank_dist.plan import resolve_auto
+
+    model, record = resolve_auto(cfg, plan_for(cfg, 1), 1, "cuda")
+    assert model is cfg.model and record["reason"] == "set in the config"
+
+
+def test_gradient_checkpointing_reads_true_false_and_auto():
+    assert load_config(overrides=["model.gradient_checkpointing=true"]).model.gradient_checkpointing == "true"
+    assert load_config(overrides=["model.gradient_checkpointing=false"]).model.gradient_checkpointing == "false"
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
+        load_config(overrides=["model.gradient_checkpointing=sometimes"])

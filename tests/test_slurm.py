@@ -45,7 +45,7 @@ def test_slurm_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck; .ci/run installs it)")
     result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS), str(SLURM / "site.env.example"), ".ci/run",
-                             "scripts/check_fresh_install.sh", "scripts/install.sh"],
+                             "scripts/check_fresh_install.sh", "scripts/install.sh", "bench/gpu.sh", "bench/gpu_prepare.sh"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

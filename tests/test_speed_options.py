@@ -40,3 +40,27 @@ def test_packed_micro_batches_train_to_the_padded_losses_without_padding(trained
     assert len(losses) == len(base) == 2
     # fp32 on both; the second step's loss follows a step taken with the first step's gradients
     assert max(abs(a - b) for a, b in zip(losses, base)) <= 1e-5
+
+
+def test_auto_memory_options_are_decided_recorded_and_followed_by_scoring(trained_run, tmp_path):
+    """model.gradient_checkpointing=auto and model.quantization=auto on this CPU: the tiny model fits its RAM
+    many times over, so both stay off; the choice and its reason are in train_summary.json, the checkpoint's
+    config.yaml records the concrete values, and scoring with quantization=auto follows that record."""
+    import yaml
+
+    from rerank_dist import modeling
+    from rerank_dist.config import ModelConfig
+
+    summary, losses = _train(trained_run, tmp_path, "auto", "model.gradient_checkpointing=auto",
+                             "model.quantization=auto")
+    choice = summary["memory_options"]
+    assert choice["asked"] == {"gradient_checkpointing": "auto", "quantization": "auto"}
+    assert (choice["gradient_checkpointing"], choice["quantization"]) == ("false", "none")
+    assert "fits" in choice["reason"] and choice["device_gib"] > 0
+    best = tmp_path / "auto" / "ranker" / "best"
+    recorded = yaml.safe_load((best / "config.yaml").read_text())["model"]
+    assert (recorded["gradient_checkpointing"], recorded["quantization"]) == ("false", "none")
+    assert modeling.trained_quantization(best) == "none"
+    with pytest.raises(FileNotFoundError, match="model.quantization=auto"):
+        modeling.trained_quantization(tmp_path)  # no record: refused, not guessed
+    assert ModelConfig().gradient_checkpointing == "false" and len(losses) == 2
