@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="summary JSON to write")
+    parser.add_argument("--device", default="cuda", help="cuda (the kit) | cpu (a smoke run of this script)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, as given to rerank-dist train")
     args = parser.parse_args()
 
@@ -63,7 +64,12 @@ def main() -> int:
     examples, _ = build_examples(candidates, dataset, cfg.prompt, labels, tokenizer, "train", dataset.num_items)
     rows = [{"prompt": e.prompt, "completion": labels[e.label_index]} for e in examples[:rows_needed]]
     checkpointing = checkpointing_on(cfg.model)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     class Timer(TrainerCallback):
         """Seconds and real tokens of each optimizer step (the rows are read in order, batch_size a step)."""
@@ -73,18 +79,18 @@ def main() -> int:
             self.mark = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            sync()
             self.mark = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            sync()
             step = len(self.steps)
             lengths = trainer.train_dataset[step * tc.batch_size:(step + 1) * tc.batch_size]["input_ids"]
             self.steps.append((time.perf_counter() - self.mark, sum(map(len, lengths))))
 
     with tempfile.TemporaryDirectory() as workdir:
         sft = SFTConfig(
-            output_dir=workdir, report_to="none", save_strategy="no", eval_strategy="no",
+            output_dir=workdir, report_to="none", save_strategy="no", eval_strategy="no", use_cpu=not cuda,
             bf16=tc.mixed_precision == "bf16", fp16=False,
             gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
             per_device_train_batch_size=plan.micro_batch_size, gradient_accumulation_steps=plan.accumulation,
@@ -93,7 +99,8 @@ def main() -> int:
             seed=tc.seed, packing=False, completion_only_loss=True, max_length=None,
             train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True, logging_steps=1,
         )
-        torch.cuda.reset_peak_memory_stats(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         model = load_base_model(cfg.model, device=device)
         timer = Timer()
         trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -102,7 +109,7 @@ def main() -> int:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     timed = timer.steps[1:] or timer.steps
     summary = {"steps": len(timer.steps), "tokens_per_s": round(sum(t for _, t in timed) / sum(s for s, _ in timed), 1),
-               "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 1024**3, 2),
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 1024**3, 2) if cuda else None,
                "gradient_checkpointing": checkpointing, "quantization": cfg.model.quantization,
                "world_size": 1, "backend": "trl SFTTrainer",
                "loss_first_steps": sum(losses[:2]) / max(len(losses[:2]), 1) if losses else None,

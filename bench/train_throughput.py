@@ -147,7 +147,7 @@ class OurLoop:
         self.adapter_dtypes = sorted({str(p.dtype) for p in trainable})
         optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
         loader = DataLoader(rows, batch_size=plan.micro_batch_size, shuffle=True,
-                            collate_fn=train_module._collate(pad_id),
+                            collate_fn=train_module._collate(pad_id, packing=False),
                             generator=torch.Generator().manual_seed(tc.seed))
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         warmup = train_module._warmup(tc.warmup_steps, total_steps, lambda s: None)
