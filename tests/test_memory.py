@@ -676,3 +676,13 @@ def test_estimate_matches_the_measured_peak_on_gpu(case, random_checkpoints):
     torch.cuda.empty_cache()
     assert weights == pytest.approx(est["weights"], rel=0.03)
     assert predicted == pytest.approx(peak, rel=0.15)
+
+
+def test_nf4_weights_kept_out_of_fp32_count_two_bytes_each():
+    """model.upcast_fp32=false: the embeddings and norms PEFT would upcast stay bf16, so their bytes halve."""
+    upcast = estimate_training_memory(QWEN, _cfg(), 1, 64)
+    kept = estimate_training_memory(QWEN, _cfg(upcast_fp32=False), 1, 64)
+    plain_upcast, plain_kept = upcast["detail"]["weights_unquantized"], kept["detail"]["weights_unquantized"]
+    assert plain_upcast > 0.7 * 1024**3  # the precondition: Qwen3-4B's 0.39e9 embedding, fp32
+    assert plain_kept * 2 == plain_upcast
+    assert kept["detail"]["weights_4bit"] == upcast["detail"]["weights_4bit"]
