@@ -95,6 +95,7 @@ def test_store_rows_are_the_in_memory_builders_examples(tmp_path, bpe):
     assert [list(r) for r in rows["input_ids"]] == [e.input_ids for e in memory]
     assert list(rows["label"]) == [e.label_index for e in memory]
     assert [list(c) for c in rows["candidate_ids"]] == [e.candidate_ids for e in memory]
+    assert stored.lengths().tolist() == [len(e.input_ids) for e in memory]  # over both parts, in order
     same = {k: v for k, v in stats.items() if k not in ("title_fixes", "titles_truncated")}
     assert {k: stored.stats[k] for k in same} == same
 
