@@ -73,6 +73,7 @@ def progress_key(cfg: RunConfig, adapter_dir: Path, split: str, token_lists: lis
     # without native bf16) must not mix its scores with the saved ones.
     model["dtype"] = resolve_dtype(cfg.model.dtype, device)[0]
     digest.update(json.dumps({"split": split, "labels": label_ids.tolist(), "batch_size": cfg.score.batch_size,
+                              "token_budget": cfg.score.token_budget, "merged_weights": cfg.score.merged_weights,
                               "model": model, "mixed_precision": cfg.train.mixed_precision},
                              sort_keys=True, default=str).encode())
     for tokens in token_lists:

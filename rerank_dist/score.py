@@ -1,11 +1,12 @@
 """Distributed batched scorer.
 
-The prompts are cut into batches first, by length so that a batch pads little, and those same
-batches are then shared out between the processes (``split_between_processes``): a prompt is scored
+The prompts are cut into batches first, by length so that a batch pads little (score.batch_size
+prompts each, or as many as fit in score.token_budget tokens), and those same batches are then
+shared out between the processes (``split_between_processes``): a prompt is scored
 in the same batch, with the same padding, whatever the number of processes, so 1 and N processes
 give bit-identical scores. Rows are left-padded so the answer position is the last one, and logits
 are taken only there and only for the label tokens. Shards are gathered (``gather_object``) and put
-back in input order.
+back in input order. A CUDA out-of-memory halves the batch and retries, counted in the metrics.
 
 ``score_split`` is the test-time entry point: it always reloads the saved adapter from disk, so
 what gets scored is exactly what was saved. It can stop and resume: every process saves the scores
@@ -45,34 +46,73 @@ from rerank_dist.paths import RunPaths
 from rerank_dist.saved_scores import SavedScores, progress_key
 
 
-def _batches(token_lists: list[list[int]], batch_size: int) -> list[list[int]]:
+def _batches(token_lists: list[list[int]], batch_size: int, token_budget: int = 0) -> list[list[int]]:
     """Prompt indices in batches that do not depend on the number of processes.
 
-    Sorted by length so each batch pads little; then put in a fixed pseudo-random order, so that the
-    contiguous share each process gets mixes long and short batches rather than all the long ones.
+    Cut from the prompts sorted by length, so each batch pads little: batch_size prompts each, or
+    with a token_budget as many as fit in it once padded (rows x the batch's longest, at least one).
+    Then put in a fixed pseudo-random order, so that the contiguous share each process gets mixes
+    long and short batches rather than all the long ones.
     """
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]), reverse=True)
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, token_budget // max(1, len(token_lists[order[start]]))) if token_budget else batch_size
+        batches.append(order[start:start + rows])
+        start += rows
     return [batches[j] for j in np.random.default_rng(0).permutation(len(batches))]
 
 
+def padding_waste(token_lists: list[list[int]], batches: list[list[int]]) -> float:
+    """The share of the tokens the batches' forwards run on that are padding (0 = none)."""
+    real = sum(len(token_lists[i]) for batch in batches for i in batch)
+    padded = sum(len(batch) * max(len(token_lists[i]) for i in batch) for batch in batches)
+    return 1.0 - real / padded if padded else 0.0
+
+
 def _forward(model, token_lists: list[list[int]], batch: list[int], label_ids: torch.Tensor, pad_id: int,
-             device) -> list[list[float]]:
-    """The K label scores of each prompt of one batch, as rows of floats."""
-    input_ids, attention_mask = left_pad([token_lists[i] for i in batch], pad_id)  # (B, L), (B, L)
-    logits = label_logits(model, input_ids.to(device), attention_mask.to(device), label_ids.to(device))  # (B, K)
-    return logits.float().cpu().tolist()
+             device, oom_retries: list[int] | None = None) -> list[list[float]]:
+    """The K label scores of each prompt of one batch, as rows of floats.
+
+    oom_retries (a one-element counter): a CUDA out-of-memory halves the batch and scores each half,
+    counting the retry, down to single prompts; without it (sharded weights, where every process must
+    run the same forwards) the error is raised as it is.
+    """
+    try:
+        input_ids, attention_mask = left_pad([token_lists[i] for i in batch], pad_id)  # (B, L), (B, L)
+        logits = label_logits(model, input_ids.to(device), attention_mask.to(device), label_ids.to(device))  # (B, K)
+        return logits.float().cpu().tolist()
+    except torch.cuda.OutOfMemoryError as err:
+        if oom_retries is None:
+            raise
+        if len(batch) == 1:
+            raise torch.cuda.OutOfMemoryError(
+                f"scoring one prompt of {len(token_lists[batch[0]])} tokens ran out of GPU memory, with no smaller "
+                f"batch to try: shorten the prompts (prompt.max_prompt_tokens) or use model.quantization=nf4") from err
+    # Out of the except block, so the failed forward's tensors (held by the traceback) are freed first.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    oom_retries[0] += 1
+    half = len(batch) // 2
+    return (_forward(model, token_lists, batch[:half], label_ids, pad_id, device, oom_retries)
+            + _forward(model, token_lists, batch[half:], label_ids, pad_id, device, oom_retries))
 
 
 @torch.no_grad()
 def score_prompts(accelerator: Accelerator, model, token_lists: list[list[int]], label_ids: torch.Tensor,
                   pad_id: int, batch_size: int, lockstep: bool = False, saved: SavedScores | None = None,
-                  save_every_s: float = 0.0) -> np.ndarray:
+                  save_every_s: float = 0.0, token_budget: int = 0, stats: dict | None = None) -> np.ndarray:
     """Label scores for every prompt, in input order: (N, K) float32. All processes must call this.
 
     lockstep: every process runs the same number of forward passes (a process with fewer batches
     repeats one and drops its scores). Needed when the weights are sharded (ZeRO-3, FSDP): each
     forward gathers them from all processes, so one process with an extra batch would wait forever.
+
+    token_budget: batches by tokens rather than by batch_size prompts (see ``_batches``).
+
+    A CUDA out-of-memory halves the batch and retries (not in lockstep); ``stats``, when given, gets
+    this process's count as "oom_retries". Halved batches pad differently, so their scores may
+    differ from an unhalved run's by rounding.
 
     saved (score_split): resumable scoring. The batches ``saved`` holds are skipped; after each round
     (one batch per process) the processes vote, and on a preemption signal, or every save_every_s
@@ -84,13 +124,14 @@ def score_prompts(accelerator: Accelerator, model, token_lists: list[list[int]],
     """
     was_training = model.training
     model.eval()
-    batches = _batches(token_lists, batch_size)
+    batches = _batches(token_lists, batch_size, token_budget)
     if saved is not None:
         batches = [b for b in batches if not saved.mask[b].all()]
     with accelerator.split_between_processes(batches) as mine:
         mine = sorted(mine, key=lambda b: len(token_lists[b[0]]), reverse=True)  # longest first: OOM shows at once
     rounds = math.ceil(len(batches) / accelerator.num_processes)  # the largest share: every process votes each round
     device = accelerator.device
+    retries = None if lockstep else [0]
     new: list[tuple[int, list[float]]] = []
     unsaved: list[tuple[int, list[float]]] = []
     last_save = time.time()
@@ -98,7 +139,7 @@ def score_prompts(accelerator: Accelerator, model, token_lists: list[list[int]],
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for r in range(rounds):
         if r < len(mine):
-            unsaved.extend(zip(mine[r], _forward(model, token_lists, mine[r], label_ids, pad_id, device)))
+            unsaved.extend(zip(mine[r], _forward(model, token_lists, mine[r], label_ids, pad_id, device, retries)))
             bar.update(len(mine[r]))
         elif lockstep:  # an idle pass in step with the others' forwards; its scores are dropped
             _forward(model, token_lists, batches[-1], label_ids, pad_id, device)
@@ -119,6 +160,8 @@ def score_prompts(accelerator: Accelerator, model, token_lists: list[list[int]],
     bar.close()
     if was_training:
         model.train()
+    if stats is not None:
+        stats["oom_retries"] = stats.get("oom_retries", 0) + (retries[0] if retries else 0)
     new += unsaved
     gathered = gather_object(new) if accelerator.num_processes > 1 else new
     scores = saved.scores.copy() if saved else np.zeros((len(token_lists), len(label_ids)), dtype=np.float32)
@@ -146,16 +189,21 @@ def _llm_scores(accelerator, model, cfg: RunConfig, split: str, candidates: pd.D
 
     Returns examples (the first order's), stats, single (N, K: the first order's label logits),
     averaged (N, K: mean log-probability over the orders, in the first order's layout), seconds
-    (forward passes per order), resumed (prompts saved by an earlier run), saved_dirs."""
+    (forward passes per order), resumed (prompts saved by an earlier run), saved_dirs, batches and
+    padding_waste (of the planned batches, over the orders) and oom_retries (this process's)."""
     from rerank_dist.examples import build_examples, tokenize_examples
 
     paths = RunPaths(Path(cfg.run_dir))
     first, per_order, seconds, resumed = None, [], [], 0
     stats: dict = {}
+    loop_stats: dict = {"oom_retries": 0}
+    batches, waste = 0, []
     for p in range(cfg.score.permutations):
         examples, st = build_examples(candidates, dataset, cfg.prompt, labels, tokenizer, split, dataset.num_items,
                                       permutation=p)
         token_lists = tokenize_examples(examples, tokenizer)
+        planned = _batches(token_lists, cfg.score.batch_size, cfg.score.token_budget)
+        batches, waste = batches + len(planned), waste + [padding_waste(token_lists, planned)]
         saved = SavedScores(paths.scores(saved_name if p == 0 else f"{saved_name}-p{p}"), len(token_lists),
                             len(label_ids))
         if accelerator.is_main_process:
@@ -169,7 +217,8 @@ def _llm_scores(accelerator, model, cfg: RunConfig, split: str, candidates: pd.D
         started = time.time()
         with accelerator.autocast():  # train.mixed_precision, as validation during training saw the model
             logits = score_prompts(accelerator, model, token_lists, label_ids, tokenizer.pad_token_id,
-                                   cfg.score.batch_size, saved=saved, save_every_s=cfg.train.save_every_minutes * 60)
+                                   cfg.score.batch_size, saved=saved, save_every_s=cfg.train.save_every_minutes * 60,
+                                   token_budget=cfg.score.token_budget, stats=loop_stats)
         seconds.append(time.time() - started)
         resumed += saved.count
         if p == 0:
@@ -178,7 +227,8 @@ def _llm_scores(accelerator, model, cfg: RunConfig, split: str, candidates: pd.D
         else:
             per_order.append(to_display_order(first, examples, log_probs(logits)))
     return {"examples": first, "stats": stats, "single": single, "averaged": np.mean(per_order, axis=0),
-            "seconds": seconds, "resumed": resumed,
+            "seconds": seconds, "resumed": resumed, "batches": batches, "padding_waste": float(np.mean(waste)),
+            "oom_retries": loop_stats["oom_retries"],
             "saved_dirs": [paths.scores(saved_name if p == 0 else f"{saved_name}-p{p}")
                            for p in range(cfg.score.permutations)]}
 
@@ -205,7 +255,7 @@ def _fusion_weight(accelerator, model, cfg: RunConfig, dataset, tokenizer, label
             "val_users": int(len(frame)), "val_users_scored": int(len(informative)),
             "grid": {str(w): round(v, 6) for w, v in grid.items()},
             "normalisation": "z-score per user of the LLM's label log-probabilities and of the retriever's scores",
-            "seconds": round(sum(got["seconds"]), 1), "saved_dirs": got["saved_dirs"]}
+            "seconds": round(sum(got["seconds"]), 1), "saved_dirs": got["saved_dirs"], "oom_retries": got["oom_retries"]}
 
 
 def score_split(cfg: RunConfig, split: str) -> dict:
@@ -237,7 +287,7 @@ def score_split(cfg: RunConfig, split: str) -> dict:
     if cfg.score.max_users:
         candidates = candidates.head(cfg.score.max_users)
     label_ids = torch.tensor(verbalizer["label_ids"], dtype=torch.long)
-    model = load_for_scoring(cfg.model, adapter_dir, device=accelerator.device)
+    model = load_for_scoring(cfg.model, adapter_dir, device=accelerator.device, merged=cfg.score.merged_weights)
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_for_scoring resolved it
     accelerator.print(f"model dtype: {dtype} ({dtype_reason})")
 
@@ -255,6 +305,9 @@ def score_split(cfg: RunConfig, split: str) -> dict:
     if fusion is not None:
         orders["fused"] = fuse(llm, retriever_score_matrix(examples), fusion["weight"])
         final = "fused"
+    # Every process's out-of-memory retries (a collective: all processes run it).
+    local_retries = got["oom_retries"] + (fusion["oom_retries"] if fusion else 0)
+    oom_retries = int(accelerator.reduce(torch.tensor(local_retries, device=accelerator.device), "sum").item())
     result = {}
     if accelerator.is_main_process:
         result = evaluate_orders(examples, orders, seed=cfg.prompt.seed)
@@ -267,7 +320,7 @@ def score_split(cfg: RunConfig, split: str) -> dict:
             pairs.append((final, "reranker"))
         result["paired"] = paired_comparisons(examples, orders, cfg.prompt.seed, list(dict.fromkeys(pairs)))
         if fusion is not None:
-            result["fusion"] = {k: v for k, v in fusion.items() if k != "saved_dirs"}
+            result["fusion"] = {k: v for k, v in fusion.items() if k not in ("saved_dirs", "oom_retries")}
         result["split"] = split
         result["adapter"] = str(adapter_dir)
         result["adapter_step"] = verbalizer.get("step")
@@ -284,6 +337,10 @@ def score_split(cfg: RunConfig, split: str) -> dict:
         total = len(examples) * cfg.score.permutations
         result["prompts_per_second"] = round((total - got["resumed"]) / max(scoring_seconds, 1e-9), 3)
         result["peak_memory_gib"] = peak_memory_gib(accelerator.device)
+        result["batching"] = {"batch_size": cfg.score.batch_size, "token_budget": cfg.score.token_budget,
+                              "batches": got["batches"], "padding_waste": round(got["padding_waste"], 4),
+                              "oom_retries": oom_retries}  # padding_waste: pad share of the tokens run, planned
+        result["merged_weights"] = cfg.score.merged_weights
         extra = {"permuted_scores": orders["permuted"]} if "permuted" in orders else None
         write_parquet(paths.rankings(split), rankings_frame(examples, got["single"], orders[final], extra))
         write_json(paths.metrics(split), result)

@@ -346,7 +346,8 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
     Returns whether it is the best so far (state is updated)."""
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long)
     scores = score_prompts(accelerator, accelerator.unwrap_model(model), data.val_tokens, label_ids,
-                           data.pad_id, cfg.score.batch_size, lockstep=shards_weights(cfg))
+                           data.pad_id, cfg.score.batch_size, lockstep=shards_weights(cfg),
+                           token_budget=cfg.score.token_budget)
     report = evaluate_scores(data.val_examples, scores, cfg.prompt.seed)
     ndcg = report["reranker"]["all_users"]["ndcg@10"]
     base = report["retriever_order"]["all_users"]["ndcg@10"]

@@ -193,10 +193,70 @@ def test_fusion_weight_with_no_validation_target_retrieved_is_the_retrievers(tmp
         scored.append(candidates["user"].tolist())
         examples = [SimpleNamespace(label_index=-1, retriever_scores=[3.0, 2.0, 1.0], candidate_ids=[7, 8, 9])
                     for _ in range(len(candidates))]
-        return {"examples": examples, "averaged": np.zeros((len(candidates), 3)), "seconds": [0.0], "saved_dirs": []}
+        return {"examples": examples, "averaged": np.zeros((len(candidates), 3)), "seconds": [0.0], "saved_dirs": [],
+                "oom_retries": 0}
 
     monkeypatch.setattr(S, "_llm_scores", llm_scores)
     got = S._fusion_weight(SimpleNamespace(is_main_process=True, print=said.append), None, cfg, *[None] * 5)
     assert scored == [[1]]
     assert got["weight"] == max(cfg.score.fusion_weights) and set(got["grid"].values()) == {0.0}
     assert any("none of the 3 validation users" in line for line in said)
+
+
+# ---------------------------------------------------------------- batching by tokens, out-of-memory retries
+
+
+def test_token_budget_batches_hold_every_prompt_once_within_the_budget():
+    rng = np.random.default_rng(1)
+    prompts = [[1] * int(n) for n in rng.integers(1, 60, size=50)]
+    budget = 120
+    batches = S._batches(prompts, batch_size=4, token_budget=budget)
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    for b in batches:
+        width = max(len(prompts[i]) for i in b)
+        assert len(b) * width <= budget or len(b) == 1
+    assert len({len(b) for b in batches}) > 2  # short prompts share a forward, long ones do not
+    assert batches == S._batches(prompts, batch_size=4, token_budget=budget)  # the same cut every time
+    # Cut from the length-sorted prompts, the budget's batches pad less than 4 prompts taken in input order.
+    in_order = [list(range(s, min(s + 4, 50))) for s in range(0, 50, 4)]
+    assert S.padding_waste(prompts, batches) < S.padding_waste(prompts, in_order)
+    assert S.padding_waste([[1, 2], [3]], [[0, 1]]) == pytest.approx(0.25)  # 3 real tokens of 4 run
+
+
+def test_token_budget_scores_come_back_in_input_order():
+    prompts = [[t] * n for t, n in zip(range(1, 9), (3, 1, 7, 2, 9, 4, 1, 5))]
+    fixed = S.score_prompts(FakeAccelerator(), StubLM(), prompts, LABELS, PAD, batch_size=2)
+    budgeted = S.score_prompts(FakeAccelerator(), StubLM(), prompts, LABELS, PAD, batch_size=2, token_budget=10)
+    np.testing.assert_array_equal(budgeted, expected_scores(prompts))
+    np.testing.assert_array_equal(budgeted, fixed)
+    assert len(S._batches(prompts, 2, token_budget=10)) != len(S._batches(prompts, 2))  # other batches indeed
+
+
+class OutOfMemoryAbove(StubLM):
+    """StubLM that raises CUDA's out-of-memory error for a forward of more than `rows` prompts."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.forwards = rows, []
+
+    def forward(self, input_ids, **kwargs):
+        self.forwards.append(len(input_ids))
+        if len(input_ids) > self.rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(input_ids, **kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_prompt():
+    prompts = [[t, t] for t in range(1, 9)]  # 8 prompts, one batch of 8
+    model, stats = OutOfMemoryAbove(rows=2), {}
+    scores = S.score_prompts(FakeAccelerator(), model, prompts, LABELS, PAD, batch_size=8, stats=stats)
+    np.testing.assert_array_equal(scores, expected_scores(prompts))
+    # 8 fails, its halves of 4 fail, their halves of 2 succeed: 3 retries.
+    assert model.forwards == [8, 4, 2, 2, 4, 2, 2] and stats == {"oom_retries": 3}
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="one prompt of 2 tokens"):  # nothing left to halve
+        S.score_prompts(FakeAccelerator(), OutOfMemoryAbove(rows=0), prompts, LABELS, PAD, batch_size=8)
+    sharded = OutOfMemoryAbove(rows=2)  # lockstep: every process must run the same forwards, so no retry
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        S.score_prompts(FakeAccelerator(), sharded, prompts, LABELS, PAD, batch_size=8, lockstep=True)
+    assert sharded.forwards == [8]

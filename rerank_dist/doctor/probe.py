@@ -87,11 +87,12 @@ def _autocast(mixed_precision: str, device: Any) -> contextlib.AbstractContextMa
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def sample_batches(token_lists: list[list[int]], batch_size: int, users: int, seed: int) -> list[list[int]]:
+def sample_batches(token_lists: list[list[int]], batch_size: int, users: int, seed: int,
+                   token_budget: int = 0) -> list[list[int]]:
     """Whole scorer batches, drawn seeded, until they hold at least `users` prompts."""
     from rerank_dist.score import _batches  # the scorer's batching: same batch-mates, same padding
 
-    batches = _batches(token_lists, batch_size)
+    batches = _batches(token_lists, batch_size, token_budget)
     order = np.random.default_rng(seed).permutation(len(batches))
     picked: list[list[int]] = []
     for i in order:
@@ -112,7 +113,7 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
     from rerank_dist.modeling import load_for_scoring
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    picked = sample_batches(rebuilt.token_lists, cfg.score.batch_size, users, seed)
+    picked = sample_batches(rebuilt.token_lists, cfg.score.batch_size, users, seed, cfg.score.token_budget)
     by_key = {(int(u), int(p)): (list(c), np.asarray(s, dtype=np.float64))
               for u, p, c, s in recorded[["user", "prefix_len", "candidates", "scores"]].itertuples(index=False)}
     model = load_for_scoring(cfg.model, paths.best, device=dev)
