@@ -243,7 +243,7 @@ def _fusion_weight(accelerator, model, cfg: RunConfig, dataset, tokenizer, label
     frame = pd.read_parquet(paths.candidates("val"))
     informative, note = validation_users(frame, cfg.score.fusion_val_users)
     if accelerator.is_main_process:
-        accelerator.print(f"[score] fusion weight chosen on {note}")
+        accelerator.print(f"[score] fusion weight, validation users: {note}")
     got = _llm_scores(accelerator, model, cfg, "val", informative, dataset, tokenizer, labels, label_ids,
                       adapter_dir, "val-fusion")
     weight, grid = choose_fusion_weight(got["examples"], got["averaged"], cfg.score.fusion_weights, len(frame))
