@@ -243,3 +243,8 @@ def test_token_budget_and_merged_weights_score_as_the_default_and_are_recorded(t
     before = np.stack(pd.read_parquet(RunPaths(run_dir).rankings("test")).head(48)["scores"])
     after = np.stack(pd.read_parquet(RunPaths(copy).rankings("test"))["scores"])
     assert np.abs(before - after).max() <= 1e-4
+    # The doctor re-scores as the scorer did (merged model, the budget's batch-mates): to the last bit.
+    from rerank_dist.doctor.runner import DoctorOptions, diagnose
+
+    _, evidence = diagnose(copy, DoctorOptions(plots=False, write=False), cfg=cfg)
+    assert evidence.probe.prompts > 0 and evidence.probe.candidates_match and evidence.probe.max_abs_diff == 0.0

@@ -117,6 +117,9 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
     by_key = {(int(u), int(p)): (list(c), np.asarray(s, dtype=np.float64))
               for u, p, c, s in recorded[["user", "prefix_len", "candidates", "scores"]].itertuples(index=False)}
     model = load_for_scoring(cfg.model, paths.best, device=dev)
+    # score.merged_weights: the scorer ran the merged model, so that is what re-scores; the base
+    # comparison needs the adapter switched off, which only the unmerged model can do.
+    scorer = load_for_scoring(cfg.model, paths.best, device=dev, merged=True) if cfg.score.merged_weights else model
     label_ids = torch.tensor(scored_ids, dtype=torch.long, device=dev)  # (K,)
     pad = rebuilt.tokenizer.pad_token_id
     diffs, same_top, base_diffs, base_changed, match = [], [], [], [], True
@@ -124,7 +127,7 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
         for batch in picked:
             input_ids, mask = left_pad([rebuilt.token_lists[i] for i in batch], pad)  # (B, L), (B, L)
             input_ids, mask = input_ids.to(dev), mask.to(dev)
-            adapted = label_logits(model, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
+            adapted = label_logits(scorer, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
             with model.disable_adapter():
                 base = label_logits(model, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
             for row, i in enumerate(batch):
