@@ -77,7 +77,9 @@ def _measure(cfg, step_dir: Path, say) -> dict:
     from rerank_dist.distributed import build_accelerator
     from rerank_dist.metrics import metrics_from_ranks, paired_comparison, target_ranks
     from rerank_dist.modeling import load_for_scoring, load_tokenizer
-    from rerank_dist.score import _fusion_weight, _llm_scores, baseline_scores, fuse, retriever_score_matrix
+    from rerank_dist.evaluation import baseline_scores
+    from rerank_dist.fusion import fuse, retriever_score_matrix
+    from rerank_dist.score import _fusion_weight, _llm_scores
 
     paths = RunPaths(Path(cfg.run_dir))
     accelerator = build_accelerator(cfg)

@@ -176,6 +176,8 @@ class ScoreConfig:
     fusion: bool = _f(True, "also rank by a fusion of the LLM's label scores and the retriever's scores (each z-scored per user), with the weight chosen on validation users only; the fused order is then the run's final order")
     fusion_weights: list[float] = _f([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], "retriever weights w tried for fusion: score = (1 - w) * z(LLM) + w * z(retriever); 0 = the LLM's order, 1 = the retriever's")
     fusion_val_users: int = _f(0, "validation users scored to choose the fusion weight, among those whose target was retrieved (the others score 0 under any weight); 0 = all of them")
+    token_budget: int = _f(0, "0 = batches of score.batch_size prompts; N > 0 = batches of as many prompts as fit in N tokens once padded (prompts x the longest of them, at least one prompt), cut from the prompts sorted by length, so short prompts share a forward and long ones do not pad the rest (score.batch_size is then unused); for GPUs, where a budget bounds a forward's memory whatever the lengths. Off by default: this project's prompts are of nearly one length, and on a CPU a budget of 8 mean prompts was no faster than 8 prompts per forward (bench/results/scorer_batching.md)")
+    merged_weights: bool = _f(False, "score from the base with the adapter merged into it (PEFT merge_and_unload) instead of base + adapter at every forward; with model.quantization=nf4 the 4-bit base is first dequantized once to its compute dtype (transformers' dequantize), so scoring holds a 16-bit copy of the model and runs no 4-bit kernels. Scores then differ from the unmerged forward's by rounding")
     permutations: int = _f(1, "score each prompt under this many candidate orders (the first as eval_order shows them, the rest seeded shuffles) and average each item's log-probability: position debiasing at P times the scoring cost")
 
 
@@ -482,7 +484,8 @@ def validate(cfg: RunConfig) -> list[str]:
               "prompt.max_train_examples",
               "train.weight_decay", "train.warmup_steps", "train.max_steps", "train.max_minutes",
               "train.max_grad_norm", "train.eval_users", "train.patience", "train.save_every", "train.save_every_minutes",
-              "train.keep_last", "train.length_grouping", "score.max_users", "score.fusion_val_users"]:
+              "train.keep_last", "train.length_grouping", "score.max_users", "score.fusion_val_users",
+              "score.token_budget"]:
         positive(d, allow_zero=True)
     if cfg.train.deepspeed_config:
         if cfg.train.backend not in ("zero2", "zero3"):

@@ -303,6 +303,13 @@ def main_decides(state: PartialState, value: Any) -> Any:
     return box[0]
 
 
+def agreed(accelerator: Accelerator, flags: list[bool]) -> list[bool]:
+    """Decisions that depend on each process's clock or signals, made the same on every process (any
+    one says yes): a process that stopped or saved alone would leave the others waiting in a collective."""
+    votes = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [v > 0 for v in accelerator.reduce(votes, "max").tolist()]
+
+
 def describe(accelerator: Accelerator) -> str:
     """One line: how many processes, which backend, which device; printed at the start of a run."""
     state = accelerator.state

@@ -185,8 +185,14 @@ def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
 
 
 def load_for_scoring(cfg: ModelConfig, adapter_dir: Path, device: torch.device | str | None = None,
-                     source: Path | str | None = None) -> Any:
-    """The backbone plus the trained adapter saved in adapter_dir, in eval mode."""
+                     source: Path | str | None = None, merged: bool = False) -> Any:
+    """The backbone plus the trained adapter saved in adapter_dir, in eval mode.
+
+    merged (score.merged_weights): the adapter merged into the base weights (PEFT merge_and_unload),
+    a plain model with no adapter layers. A 4-bit base is first dequantized to its compute dtype
+    (transformers' ``dequantize``): the weights the 4-bit forward computes with, once, rather than
+    at every forward; the merge then rounds W + B @ A once in that dtype.
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -196,7 +202,11 @@ def load_for_scoring(cfg: ModelConfig, adapter_dir: Path, device: torch.device |
     if cfg.quantization == "auto":  # as training decided it on its device (plan.resolve_auto)
         cfg = dataclasses.replace(cfg, quantization=trained_quantization(adapter_dir))
     base = load_base_model(cfg, device=device, source=source)
+    if merged and cfg.quantization == "nf4":
+        base = base.dequantize(dtype=_quantization_config(cfg, device=device).bnb_4bit_compute_dtype)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False, use_safetensors=True)
+    if merged:
+        model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse a merge that makes NaN/inf
     return model.eval()
 
 

@@ -221,7 +221,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         _record_config(cfg)
     state.wait_for_everyone()
     started = time.time()
-    summary = train_loop(cfg)
+    # The examples store is named by what it is built from: the candidates (or, with no training
+    # candidates, the prepared data).
+    upstream = "retrieve" if cfg.retriever.train_candidates != "none" else "prepare"
+    summary = train_loop(cfg, recorded_key(cfg, upstream))
     if state.is_main_process:
         _mark(cfg, "train", time.time() - started)
     state.wait_for_everyone()

@@ -32,15 +32,16 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 from rerank_dist import preemption
 from rerank_dist.checkpoint import TrainerState, latest_step_dir, prune_step_dirs, publish_best, reconcile_run
 from rerank_dist.config import RunConfig, labels_for, save_config
-from rerank_dist.distributed import (BACKEND_NAMES, build_accelerator, describe, keep_adapter_only,
+from rerank_dist.distributed import (BACKEND_NAMES, agreed, build_accelerator, describe, keep_adapter_only,
                                      load_checkpoint, peak_memory_gib, release_backend, save_checkpoint,
                                      shards_weights, weights_held)
+from rerank_dist.evaluation import evaluate_scores, validation_users
 from rerank_dist.hardware import device_memory_bytes, resolve_dtype
 from rerank_dist.io import append_jsonl, read_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad, pack, packed_label_logits
 from rerank_dist.paths import RunPaths
 from rerank_dist.plan import plan_for, resolve_auto
-from rerank_dist.score import evaluate_scores, score_prompts
+from rerank_dist.score import score_prompts
 
 
 @dataclass
@@ -53,7 +54,9 @@ class TrainingData:
     pad_id: int
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, upstream_key: str) -> dict:
+    """Train the ranker of cfg's run. upstream_key: the key the stage before recorded (pipeline.py),
+    which names the examples store: examples built from other candidates are never reused."""
     from rerank_dist.modeling import load_model, load_tokenizer
 
     # ------------------------------------------------------------------ setup
@@ -73,7 +76,7 @@ def train(cfg: RunConfig) -> dict:
             f"{memory_choice['gradient_checkpointing']} ({memory_choice['reason']})")
     cfg = dataclasses.replace(cfg, model=model_cfg)  # the checkpoints' config.yaml records the choice; scoring reads it
     tokenizer = load_tokenizer(cfg.model)
-    data = _load_data(accelerator, cfg, paths, tokenizer, say)
+    data = _load_data(accelerator, cfg, paths, tokenizer, upstream_key, say)
     # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
     model = load_model(cfg.model, training=True, device=accelerator.device, sharded=shards_weights(cfg))
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_model resolved it
@@ -174,7 +177,7 @@ def train(cfg: RunConfig) -> dict:
                            f"{(now - started) / 60:.1f} min")
 
             # -------------------------------------------------------------- evaluate
-            out_of_time, save_by_time, preempted = _agreed(accelerator, [
+            out_of_time, save_by_time, preempted = agreed(accelerator, [
                 bool(tc.max_minutes) and now - started > tc.max_minutes * 60,
                 bool(tc.save_every_minutes) and now - last_save > tc.save_every_minutes * 60,
                 preemption.requested()])  # a scheduler's warning signal (preemption.py)
@@ -221,7 +224,7 @@ def train(cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------- setup helpers
 
 
-def _load_data(accelerator, cfg: RunConfig, paths: RunPaths, tokenizer: Any, say) -> TrainingData:
+def _load_data(accelerator, cfg: RunConfig, paths: RunPaths, tokenizer: Any, upstream_key: str, say) -> TrainingData:
     """Training examples (the on-disk store) and validation examples, with label ids resolved in context."""
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.examples import build_examples
@@ -229,17 +232,9 @@ def _load_data(accelerator, cfg: RunConfig, paths: RunPaths, tokenizer: Any, say
 
     dataset = load_dataset(paths.data)
     labels = labels_for(cfg)
-    examples = _training_examples(accelerator, cfg, paths, dataset, labels, tokenizer, say)
-    val_candidates = pd.read_parquet(paths.candidates("val"))
-    # Validation users whose target was retrieved: a user whose target is missing scores 0 under
-    # every order, so including them only dilutes the comparison (64 users would hold ~13 useful ones).
-    informative = val_candidates[val_candidates["target_rank"] >= 0] if "target_rank" in val_candidates else val_candidates
-    if len(informative) == 0:
-        informative = val_candidates.head(1)  # no validation target was retrieved: nothing to select on
-    if cfg.train.eval_users:
-        informative = informative.head(cfg.train.eval_users)
-    say(f"validation: {len(informative)} of {len(val_candidates)} users, those whose target the retriever found "
-        f"(the others score 0 under any order)")
+    examples = _training_examples(accelerator, cfg, paths, dataset, labels, tokenizer, upstream_key, say)
+    informative, note = validation_users(pd.read_parquet(paths.candidates("val")), cfg.train.eval_users)
+    say(f"validation: {note}")
     val_examples, _ = build_examples(informative, dataset, cfg.prompt, labels, tokenizer, "val", dataset.num_items)
     # The label ids are resolved in context from real prompts and must agree across them: the id the
     # loss trains is then the id the scorer reads.
@@ -253,7 +248,7 @@ def _load_data(accelerator, cfg: RunConfig, paths: RunPaths, tokenizer: Any, say
 
 
 def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: Any, labels: list[str], tokenizer: Any,
-                       say) -> Any:
+                       upstream_key: str, say) -> Any:
     """The training examples, built once into the run's store (see example_store.py), then mapped.
 
     A store that is complete is opened as it is (resume, requeue, another process count). Otherwise
@@ -261,12 +256,11 @@ def _training_examples(accelerator, cfg: RunConfig, paths: RunPaths, dataset: An
     meta.json, and all of them map the same files.
     """
     from rerank_dist import example_store as store
-    from rerank_dist.pipeline import recorded_key
 
     from_candidates = cfg.retriever.train_candidates != "none"
     source = store.StoreSource(dataset, paths.candidates("train") if from_candidates else None,
                                cfg.retriever.train_prefixes_per_user)
-    spec = store.store_spec(cfg, recorded_key(cfg, "retrieve" if from_candidates else "prepare"), tokenizer, labels)
+    spec = store.store_spec(cfg, upstream_key, tokenizer, labels)
     if store.is_complete(spec):
         opened = time.time()
         examples = store.StoredExamples(spec.directory)
@@ -367,12 +361,6 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------- loop helpers
 
 
-def _agreed(accelerator, flags: list[bool]) -> list[bool]:
-    """Decisions that depend on each process's clock, made the same on every process (any one says yes)."""
-    votes = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    return [v > 0 for v in accelerator.reduce(votes, "max").tolist()]
-
-
 def _stop_for_requeue(accelerator, paths: RunPaths, state: TrainerState, bar) -> None:
     """Preempted (see preemption.py): every process agreed to stop after this step, whose checkpoint
     is on disk. No extra validation: the resumed run must see the same evaluations as an unbroken one."""
@@ -391,7 +379,8 @@ def _evaluate(accelerator, model, data: TrainingData, cfg: RunConfig, state: Tra
     Returns whether it is the best so far (state is updated)."""
     label_ids = torch.tensor(data.verbalizer["label_ids"], dtype=torch.long)
     scores = score_prompts(accelerator, accelerator.unwrap_model(model), data.val_tokens, label_ids,
-                           data.pad_id, cfg.score.batch_size, lockstep=shards_weights(cfg))
+                           data.pad_id, cfg.score.batch_size, lockstep=shards_weights(cfg),
+                           token_budget=cfg.score.token_budget)
     report = evaluate_scores(data.val_examples, scores, cfg.prompt.seed)
     ndcg = report["reranker"]["all_users"]["ndcg@10"]
     base = report["retriever_order"]["all_users"]["ndcg@10"]

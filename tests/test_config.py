@@ -178,3 +178,14 @@ def test_every_prefix_rules_out_a_held_out_retriever_and_random_negatives_need_n
     ok = load_config(overrides=["retriever.train_prefixes_per_user=0", "retriever.train_candidates=none",
                                 "prompt.negatives=random", "prompt.train_order=shuffled"])
     assert ok.retriever.train_prefixes_per_user == 0
+
+
+def test_scorer_options_are_typed_checked_together_and_off_by_default():
+    cfg = load_config()
+    assert cfg.score.token_budget == 0 and cfg.score.merged_weights is False
+    on = load_config(overrides=["score.token_budget=4096", "score.merged_weights=true"])
+    assert on.score.token_budget == 4096 and on.score.merged_weights is True
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["score.token_budget=-1", "score.merged_weights=maybe"])
+    assert "score.token_budget: expected >= 0, got -1" in str(err.value)
+    assert "score.merged_weights: expected true/false, got 'maybe'" in str(err.value)

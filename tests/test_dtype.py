@@ -224,7 +224,7 @@ def test_dry_run_on_an_avx2_cpu_resolves_auto_to_float32(monkeypatch):
 
 
 def test_score_progress_key_hashes_the_resolved_dtype(monkeypatch, tmp_path):
-    from rerank_dist.score import _progress_key
+    from rerank_dist.saved_scores import progress_key
 
     (tmp_path / "adapter_model.safetensors").write_bytes(b"adapter")
     labels = torch.tensor([1, 2, 3])
@@ -232,7 +232,7 @@ def test_score_progress_key_hashes_the_resolved_dtype(monkeypatch, tmp_path):
     def key(dtype: str) -> str:
         cfg = RunConfig()
         cfg.model.dtype = dtype
-        return _progress_key(cfg, tmp_path, "test", [[1, 2], [3]], labels, "cpu")
+        return progress_key(cfg, tmp_path, "test", [[1, 2], [3]], labels, "cpu")
 
     mock_cpu(monkeypatch, "AVX2")
     on_avx2 = key("auto")

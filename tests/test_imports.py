@@ -1,9 +1,9 @@
 """The package's module structure: every module imports on its own, and no two import each other.
 
 The import graph is read from the source with ``ast``: module-level imports and the lazy ones inside
-functions alike, since a lazy cycle is still two modules that need each other. One lazy edge is
-allowed, listed in LAZY_CYCLE_EDGES with its reason; config.py, plan.py and memory.py are in no
-cycle at all (config is the schema: the batch plan and the memory estimate depend on it).
+functions alike, since a lazy cycle is still two modules that need each other: no cycle is allowed,
+lazy or not (config is the schema: the batch plan and the memory estimate depend on it, the stages
+call the loops that train and score, and nothing reaches back).
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rerank_dist"
-# train.py reads the upstream stage's recorded key (pipeline.recorded_key) to name its examples
-# store, while pipeline.py starts the train stage: a lazy import each way, inside functions.
-LAZY_CYCLE_EDGES = {("rerank_dist.train", "rerank_dist.pipeline")}
 
 
 def _modules() -> dict[str, Path]:
@@ -110,7 +107,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = _graph()
     assert "rerank_dist.plan" in graph["rerank_dist.settings"]  # module level
     assert "rerank_dist.memory" in graph["rerank_dist.plan"]  # inside dry_run_lines
-    assert "rerank_dist.pipeline" in graph["rerank_dist.train"]  # the allowed lazy edge exists
+    assert "rerank_dist.train" in graph["rerank_dist.pipeline"]  # inside the train stage
 
 
 def test_config_is_the_schema_alone():
@@ -121,8 +118,7 @@ def test_config_is_the_schema_alone():
 
 
 def test_no_import_cycle_among_rerank_dist_modules():
-    graph = {name: {t for t in targets if (name, t) not in LAZY_CYCLE_EDGES} for name, targets in _graph().items()}
-    assert _cycles(graph) == []
+    assert _cycles(_graph()) == []
 
 
 def test_every_module_imports_alone():

@@ -593,3 +593,56 @@ def test_inductor_compiled_decoder_layers_train_as_eager_ones(tiny_dirs):
     """model.compile=inductor, the GPU setting: generated kernels, to fp32 rounding. About a minute of C++
     compilation on a CPU, so marked slow."""
     _compiled_against_eager(tiny_dirs, "inductor")
+
+
+# ---------------------------------------------------------------- merged weights for scoring
+
+MERGED_TOL = 1e-5  # float32: W + B @ A rounded once instead of x @ W + (x @ A) @ B (measured 1.4e-7)
+
+
+def _saved_adapter(cfg: ModelConfig, out: Path) -> Path:
+    """An adapter whose B is not zero (a fresh one changes nothing), saved as training saves it."""
+    torch.manual_seed(0)
+    model = M.load_model(cfg, training=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def _scores(model, tok) -> torch.Tensor:
+    ids, mask = _batch(tok, PROMPTS)
+    with torch.no_grad():
+        return LS.label_logits(model, ids, mask, _label_ids(tok))  # (B, K)
+
+
+def test_merged_weights_score_as_base_plus_adapter(tiny_dirs, tmp_path):
+    cfg = _cfg(tiny_dirs["llama"], lora_r=4, lora_layers=0)
+    adapter = _saved_adapter(cfg, tmp_path / "adapter")
+    tok = M.load_tokenizer(cfg)
+    plain = M.load_for_scoring(cfg, adapter)
+    merged = M.load_for_scoring(cfg, adapter, merged=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())  # no adapter layers left
+    unmerged, once = _scores(plain, tok), _scores(merged, tok)
+    with plain.disable_adapter():
+        base = _scores(plain, tok)
+    assert (once - base).abs().max().item() > 100 * MERGED_TOL  # the adapter changes the scores: a real check
+    assert (once - unmerged).abs().max().item() <= MERGED_TOL
+
+
+def test_merged_weights_dequantize_an_nf4_base_to_the_weights_it_computes_with(tiny_dirs, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = _cfg(tiny_dirs["llama"], lora_r=4, lora_layers=0, quantization="nf4")
+    adapter = _saved_adapter(cfg, tmp_path / "adapter")
+    tok = M.load_tokenizer(cfg)
+    four_bit = M.load_for_scoring(cfg, adapter)
+    kernels = [m for m in four_bit.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert kernels  # precondition: the base really is 4-bit
+    for module in kernels:  # bitsandbytes' float32 CPU path; its AVX512-BF16 kernel computes in bfloat16
+        module.support_avx512bf16_for_cpu = False
+    merged = M.load_for_scoring(cfg, adapter, merged=True)
+    assert not [m for m in merged.modules() if hasattr(m, "support_avx512bf16_for_cpu")]  # plain layers now
+    assert next(merged.parameters()).dtype == torch.float32
+    assert (_scores(merged, tok) - _scores(four_bit, tok)).abs().max().item() <= MERGED_TOL

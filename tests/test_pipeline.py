@@ -223,3 +223,28 @@ def test_an_override_that_contradicts_saved_outputs_is_refused(trained_run, tmp_
     assert len(err) == 1 and err[0].startswith(f"error: {field}: ") and f"made with {was}" in err[0]
     assert override.split("=")[1] in err[0] and "rerank-dist run" in err[0]
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+def test_token_budget_and_merged_weights_score_as_the_default_and_are_recorded(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    default = read_json(RunPaths(run_dir).metrics("test"))["batching"]
+    assert default == {"batch_size": 16, "token_budget": 0, "batches": default["batches"],
+                       "padding_waste": default["padding_waste"], "oom_retries": 0} and default["batches"] == 39
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = load_config(overrides=[*overrides, f"run_dir={copy}", "score.max_users=48", "score.token_budget=2000",
+                                 "score.merged_weights=true", "score.fusion=false"])
+    pipeline.score(cfg)
+    metrics = read_json(RunPaths(copy).metrics("test"))
+    batching = metrics["batching"]
+    assert metrics["merged_weights"] is True and batching["token_budget"] == 2000 and batching["oom_retries"] == 0
+    assert 0 <= batching["padding_waste"] < 1 and batching["batches"] not in (3, 48)  # neither 16 nor 1 per batch
+    # float32: other batch-mates and the merged adapter change the scores by rounding alone.
+    before = np.stack(pd.read_parquet(RunPaths(run_dir).rankings("test")).head(48)["scores"])
+    after = np.stack(pd.read_parquet(RunPaths(copy).rankings("test"))["scores"])
+    assert np.abs(before - after).max() <= 1e-4
+    # The doctor re-scores as the scorer did (merged model, the budget's batch-mates): to the last bit.
+    from rerank_dist.doctor.runner import DoctorOptions, diagnose
+
+    _, evidence = diagnose(copy, DoctorOptions(plots=False, write=False), cfg=cfg)
+    assert evidence.probe.prompts > 0 and evidence.probe.candidates_match and evidence.probe.max_abs_diff == 0.0

@@ -87,11 +87,12 @@ def _autocast(mixed_precision: str, device: Any) -> contextlib.AbstractContextMa
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def sample_batches(token_lists: list[list[int]], batch_size: int, users: int, seed: int) -> list[list[int]]:
+def sample_batches(token_lists: list[list[int]], batch_size: int, users: int, seed: int,
+                   token_budget: int = 0) -> list[list[int]]:
     """Whole scorer batches, drawn seeded, until they hold at least `users` prompts."""
     from rerank_dist.score import _batches  # the scorer's batching: same batch-mates, same padding
 
-    batches = _batches(token_lists, batch_size)
+    batches = _batches(token_lists, batch_size, token_budget)
     order = np.random.default_rng(seed).permutation(len(batches))
     picked: list[list[int]] = []
     for i in order:
@@ -112,10 +113,13 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
     from rerank_dist.modeling import load_for_scoring
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    picked = sample_batches(rebuilt.token_lists, cfg.score.batch_size, users, seed)
+    picked = sample_batches(rebuilt.token_lists, cfg.score.batch_size, users, seed, cfg.score.token_budget)
     by_key = {(int(u), int(p)): (list(c), np.asarray(s, dtype=np.float64))
               for u, p, c, s in recorded[["user", "prefix_len", "candidates", "scores"]].itertuples(index=False)}
     model = load_for_scoring(cfg.model, paths.best, device=dev)
+    # score.merged_weights: the scorer ran the merged model, so that is what re-scores; the base
+    # comparison needs the adapter switched off, which only the unmerged model can do.
+    scorer = load_for_scoring(cfg.model, paths.best, device=dev, merged=True) if cfg.score.merged_weights else model
     label_ids = torch.tensor(scored_ids, dtype=torch.long, device=dev)  # (K,)
     pad = rebuilt.tokenizer.pad_token_id
     diffs, same_top, base_diffs, base_changed, match = [], [], [], [], True
@@ -123,7 +127,7 @@ def probe_model(cfg: RunConfig, paths: RunPaths, rebuilt: Rebuilt, recorded: pd.
         for batch in picked:
             input_ids, mask = left_pad([rebuilt.token_lists[i] for i in batch], pad)  # (B, L), (B, L)
             input_ids, mask = input_ids.to(dev), mask.to(dev)
-            adapted = label_logits(model, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
+            adapted = label_logits(scorer, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
             with model.disable_adapter():
                 base = label_logits(model, input_ids, mask, label_ids).cpu().numpy().astype(np.float64)  # (B, K)
             for row, i in enumerate(batch):
