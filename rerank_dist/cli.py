@@ -23,6 +23,7 @@ STAGES = {
     "report": "print the final table and write report.md + loss.png",
     "run": "every stage in order (the main job)",
     "config": "print the resolved config, or every field with its doc (--fields)",
+    "grid": "tune the retriever as LlamaRec did (weight decay x dropout, chosen on validation), resumable",
 }
 # Stages that stop cleanly on a preemption warning (SIGUSR1): checkpoint, then exit 75 (preemption.py).
 PREEMPTIBLE_STAGES = ("train", "score", "run")
@@ -42,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, section.field=value")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with type, default and doc")
+        if name == "grid":
+            from rerank_dist.retrieval.grid import GRID
+
+            p.add_argument("--weight-decay", type=float, nargs="+", default=GRID["weight_decay"],
+                           help=f"weight decays tried (LlamaRec: {GRID['weight_decay']})")
+            p.add_argument("--dropout", type=float, nargs="+", default=GRID["dropout"],
+                           help=f"dropouts tried, attn_dropout the same (LlamaRec: {GRID['dropout']})")
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                           help="seeds the selected configuration is trained at; its test figures are their mean")
+            p.add_argument("--grid-seed", type=int, default=0, help="the seed every configuration is trained at")
+            p.add_argument("--out", default="", help="also write the summary here (a .json path; .md and .png next "
+                           "to it), e.g. bench/results/retriever_grid.json")
         if name in ("run", "train"):
             p.add_argument("--dry-run", action="store_true",
                            help="print the training plan (processes, batches, steps, precision, memory) and exit")
@@ -98,7 +111,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "dry_run", False):
         return _dry_run(cfg)
+    if args.stage == "grid":
+        return _grid(args, cfg)
     return _run_stage(args.stage, cfg)
+
+
+def _grid(args, cfg) -> int:
+    from rerank_dist import pipeline
+    from rerank_dist.errors import USER_ERRORS
+
+    space = {"weight_decay": args.weight_decay, "dropout": args.dropout}
+    problems = [f"--{name.replace('_', '-')}: expected values in [0, 1], got {v}" for name, values in space.items()
+                for v in values if not 0.0 <= v <= 1.0]
+    if problems:
+        return _error_exit(ValueError("\n".join(problems)))
+    main = _is_main()
+    try:
+        pipeline.retriever_grid(cfg, lambda m: print(m, flush=True) if main else None, space,
+                                tuple(args.seeds), args.grid_seed, args.out)
+    except USER_ERRORS as err:
+        return _error_exit(err)
+    return 0
 
 
 def _run_stage(stage_name: str, cfg) -> int:

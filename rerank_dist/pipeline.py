@@ -310,3 +310,36 @@ def run_all(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
         report(cfg, log)
         doctor(cfg, log)  # after the report is on disk: whatever the doctor finds, the run's outputs stay
         log(f"[run] finished in {(time.time() - started) / 60:.1f} min; outputs in {cfg.run_dir}")
+
+
+def retriever_grid(cfg: RunConfig, log: Callable[[str], None] = print, space: dict | None = None,
+                   seeds: tuple[int, ...] = (0, 1, 2), grid_seed: int = 0, copy_to: str = "") -> dict | None:
+    """The retriever's grid (rerank_dist.retrieval.grid) on this run's data, in <run_dir>/retriever_grid.
+
+    Launched as several processes, each trains its share of the configurations (one at a time, on
+    its own threads); they meet at a barrier before the selection and before the summary. The
+    summary (grid.json, .md, .png) is also written to copy_to (a .json path) when given.
+    Returns the summary on the main process, None on the others.
+    """
+    from rerank_dist.data.prepare import load_dataset
+    from rerank_dist.distributed import ProcessShares
+    from rerank_dist.retrieval.grid import GRID, Workers, run_grid, write_outputs
+
+    state = process_state()
+    with state.main_process_first():
+        if state.is_main_process:
+            prepare(cfg, log)
+    shares = ProcessShares(state)
+    workers = Workers(state.process_index, state.num_processes, shares.wait_for_everyone)
+    paths = RunPaths(Path(cfg.run_dir))
+    summary = run_grid(cfg.retriever, load_dataset(paths.data), paths.root / "retriever_grid", space or GRID,
+                       grid_seed, seeds, workers=workers, log=log, name=cfg.data.dataset)
+    if summary is not None:
+        best = summary["best"]
+        log(f"[grid] selected weight_decay {best['config']['weight_decay']:g}, dropout {best['config']['dropout']:g} "
+            f"on validation; test over seeds {best['seeds']}: ndcg@10 {best['test']['ndcg@10']:.4f} "
+            f"recall@10 {best['test']['recall@10']:.4f} -> {paths.root / 'retriever_grid' / 'grid.json'}")
+        if copy_to:
+            write_outputs(summary, Path(copy_to))
+            log(f"[grid] also written to {copy_to} (+ .md, .png)")
+    return summary
