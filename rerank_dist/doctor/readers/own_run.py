@@ -1,4 +1,4 @@
-"""Evidence from a rerank_dist run directory (the layout in README's table).
+"""Evidence from a rerank_dist run directory (the layout in docs/checkpoints.md).
 
 Facts come from what each stage recorded (train_log.jsonl, train_summary.json, best/verbalizer.json,
 metrics_<split>.json, rankings_<split>.parquet, candidates, data/); the prompts and the saved
