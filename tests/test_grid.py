@@ -69,3 +69,12 @@ def test_a_result_from_other_settings_is_trained_again(tmp_path):
     messages = []
     G.run_one(tiny_cfg(max_epochs=1, lr=5e-3), data, run_dir, messages.append)
     assert any("other settings" in m for m in messages)
+
+
+def test_a_reference_outside_the_searched_space_is_trained_for_the_comparison(tmp_path):
+    base = tiny_cfg(max_epochs=1, weight_decay=0.0, dropout=0.1, attn_dropout=0.1)  # today's values
+    space = {"weight_decay": [0.0], "dropout": [0.0]}
+    assert {"weight_decay": 0.0, "dropout": 0.1, "attn_dropout": 0.1} not in G.grid_configs(space)  # precondition
+    summary = G.run_grid(base, _dataset(), tmp_path, space, grid_seed=0, seeds=(0,), log=quiet)
+    assert summary["reference"]["config"]["dropout"] == 0.1 and summary["reference"]["runs"] == ["ado0.1-do0.1-wd0-seed0"]
+    assert summary["best"]["config"]["dropout"] == 0.0

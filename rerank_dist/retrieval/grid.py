@@ -164,7 +164,8 @@ def run_grid(base: RetrieverConfig, dataset: Any, out_dir: str | Path, space: Ma
     best = select(grid)
     chosen = {k: best["config"][k] for k in TUNED_FIELDS}
     repeated = [chosen] + ([reference] if reference != chosen else [])
-    extra = [(c, s) for c in repeated for s in seeds if s != grid_seed]
+    # The grid's own run stands for grid_seed, except for a reference outside the grid's space.
+    extra = [(c, s) for c in repeated for s in seeds if s != grid_seed or c not in configs]
     for config, seed in _share(extra, workers):
         run(config, seed)
     workers.barrier()
