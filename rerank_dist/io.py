@@ -23,6 +23,15 @@ def _umask() -> int:
     return mask
 
 
+def write_png(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure as a PNG atomically, then close it (figures are kept until closed)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    import matplotlib.pyplot as plt  # matplotlib is imported by whoever made the figure
+
+    plt.close(fig)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it to ``path``, on error delete it."""

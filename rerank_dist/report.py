@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rerank_dist.config import RunConfig
-from rerank_dist.io import atomic_path, atomic_write_text, read_json, read_jsonl
+from rerank_dist.io import atomic_write_text, read_json, read_jsonl, write_png
 from rerank_dist.metrics import is_order_invariant
 from rerank_dist.paths import RunPaths
 
@@ -187,9 +187,7 @@ def _plot(curve: list[tuple[int, float]], chance: float, out: Path) -> None:
     ax.set_ylabel("cross-entropy over labels")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_png(fig, out)
 
 
 def _doctor_section(paths: RunPaths, split: str) -> list[str]:

@@ -14,7 +14,7 @@ from rerank_dist.doctor import stats
 from rerank_dist.doctor.evidence import Evidence
 from rerank_dist.doctor.readers import KINDS
 from rerank_dist.doctor.result import DoctorReport, Status
-from rerank_dist.io import atomic_path, atomic_write_text, read_json, write_json
+from rerank_dist.io import atomic_write_text, read_json, write_json, write_png
 
 JSON_NAME, MD_NAME = "doctor.json", "doctor.md"
 LOSS_PNG, LETTERS_PNG = "doctor_loss.png", "doctor_letters.png"
@@ -66,11 +66,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, out: Path) -> None:
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
 def plot_loss(ev: Evidence, chance: float | None, out: Path) -> bool:
     """Training loss (raw and moving mean) against chance; validation on a second axis."""
     if ev.loss is None or len(ev.loss.values) < 2:
@@ -97,8 +92,7 @@ def plot_loss(ev: Evidence, chance: float | None, out: Path) -> bool:
     ax.legend(handles, labels, fontsize=8)
     ax.set_title("training loss vs chance")
     fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
+    write_png(fig, out)
     return True
 
 
@@ -128,8 +122,7 @@ def plot_letters(ev: Evidence, out: Path) -> bool:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
+    write_png(fig, out)
     return True
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rerank_dist.config import RetrieverConfig
-from rerank_dist.io import atomic_path, atomic_write_text, read_json, write_json
+from rerank_dist.io import atomic_write_text, read_json, write_json, write_png
 from rerank_dist.metrics import metrics_from_ranks
 from rerank_dist.retrieval.candidates import TEST_KS, ranks_on_test_split
 from rerank_dist.retrieval.checkpoint import save_retriever
@@ -242,9 +242,7 @@ def plot(summary: dict, out: Path) -> None:
         ax.set_xlabel("dropout (= attn dropout)")
         ax.legend()
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_png(fig, out)
 
 
 def write_outputs(summary: dict, json_path: Path) -> None:
