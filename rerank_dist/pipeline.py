@@ -321,6 +321,12 @@ def retriever_grid(cfg: RunConfig, log: Callable[[str], None] = print, space: di
     summary (grid.json, .md, .png) is also written to copy_to (a .json path) when given.
     Returns the summary on the main process, None on the others.
     """
+    with writer_lock(cfg.run_dir, "grid", say=log):  # a second grid on this run would race on its results
+        return _retriever_grid(cfg, log, space, seeds, grid_seed, copy_to)
+
+
+def _retriever_grid(cfg: RunConfig, log: Callable[[str], None], space: dict | None, seeds: tuple[int, ...],
+                    grid_seed: int, copy_to: str) -> dict | None:
     from rerank_dist.data.prepare import load_dataset
     from rerank_dist.distributed import ProcessShares
     from rerank_dist.retrieval.grid import GRID, Workers, run_grid, write_outputs

@@ -168,3 +168,17 @@ def test_a_bad_timing_variable_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(RunLockError, match=r"^environment variable RERANK_DIST_LOCK_STALE_S='soon': expected"):
         with writer_lock(tmp_path / "run", "train"):
             pass
+
+
+
+def test_the_grid_holds_the_run_directorys_lock_for_its_whole_body(tmp_path, monkeypatch):
+    """`rerank-dist grid` writes <run_dir>/retriever_grid, so it holds the writer's lock as every stage does."""
+    from rerank_dist import pipeline
+    from rerank_dist.settings import resolve_config
+
+    seen = []
+    monkeypatch.setattr(pipeline, "_retriever_grid",
+                        lambda cfg, *a: seen.append(json.loads((tmp_path / "run" / LOCK_NAME).read_text())["stage"]))
+    cfg, _ = resolve_config(None, [f"run_dir={tmp_path / 'run'}"])
+    pipeline.retriever_grid(cfg, log=lambda m: None)
+    assert seen == ["grid"] and not (tmp_path / "run" / LOCK_NAME).exists()  # held during the body, released after
