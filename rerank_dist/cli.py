@@ -24,9 +24,10 @@ STAGES = {
     "run": "every stage in order (the main job)",
     "config": "print the resolved config, or every field with its doc (--fields)",
     "grid": "tune the retriever as LlamaRec did (weight decay x dropout, chosen on validation), resumable",
+    "tables": "LlamaRec's Tables 1 and 3: datasets x seeds x {retriever, ranker}, ours next to the paper's, resumable",
 }
 # Stages that stop cleanly on a preemption warning (SIGUSR1): checkpoint, then exit 75 (preemption.py).
-PREEMPTIBLE_STAGES = ("train", "score", "run")
+PREEMPTIBLE_STAGES = ("train", "score", "run", "tables")
 EPILOG = ("overrides: section.field=value, e.g. train.lr=2e-4 model.quantization=nf4; "
           "`rerank-dist config --fields` lists every field")
 
@@ -43,18 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, section.field=value")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every field with type, default and doc")
-        if name == "grid":
+        if name in ("grid", "tables"):
             from rerank_dist.retrieval.grid import GRID
 
             p.add_argument("--weight-decay", type=float, nargs="+", default=GRID["weight_decay"],
-                           help=f"weight decays tried (LlamaRec: {GRID['weight_decay']})")
+                           help=f"the grid's weight decays (LlamaRec: {GRID['weight_decay']})")
             p.add_argument("--dropout", type=float, nargs="+", default=GRID["dropout"],
-                           help=f"dropouts tried, attn_dropout the same (LlamaRec: {GRID['dropout']})")
+                           help=f"the grid's dropouts, attn_dropout the same (LlamaRec: {GRID['dropout']})")
+        if name == "grid":
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                            help="seeds the selected configuration is trained at; its test figures are their mean")
             p.add_argument("--grid-seed", type=int, default=0, help="the seed every configuration is trained at")
             p.add_argument("--out", default="", help="also write the summary here (a .json path; .md and .png next "
                            "to it), e.g. bench/results/retriever_grid.json")
+        if name == "tables":
+            _tables_arguments(p)
         if name in ("run", "train"):
             p.add_argument("--dry-run", action="store_true",
                            help="print the training plan (processes, batches, steps, precision, memory) and exit")
@@ -68,6 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description=doctor_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     doctor_cli.add_arguments(p)
     return parser
+
+
+def _tables_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("overrides (section.field=value) apply to every cell; give them before the options or after `--`, "
+                "as --datasets and --seeds take several values. " + EPILOG)
+    p.add_argument("--root", default="runs/tables", help="where the cells' run directories and tables.json/.md go")
+    p.add_argument("--datasets", nargs="+", default=["ml-latest-small"], metavar="DATASET",
+                   help="NAME (ml-latest-small, bundled; ml-100k, ml-1m, beauty, games: downloaded), NAME=DIR (a "
+                   "named dataset's files in DIR) or LABEL=FILE.yaml (any dataset: FILE's data: section)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of every cell (retriever.seed, prompt.seed and train.seed); the grid's too")
+    p.add_argument("--no-grid", action="store_true",
+                   help="take the retriever settings as configured instead of tuning them per dataset first")
+    p.add_argument("--dry-run", action="store_true", help="print the cells, their state and their commands, and exit")
+    p.add_argument("--cell", default="", metavar="NAME", help="run this one cell (e.g. ml-latest-small/seed0/ranker)")
+    p.add_argument("--list-cells", action="store_true",
+                   help="print one line per cell: name, kind, state, the cell it reads (tab-separated)")
+    p.add_argument("--tables-only", action="store_true", help="write the tables from the cells done so far, run nothing")
+    p.add_argument("--out", default="", help="also write the tables here (a .json path, .md next to it)")
 
 
 def _error_exit(err: BaseException) -> int:
@@ -95,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         from rerank_dist.doctor import cli as doctor_cli
 
         return doctor_cli.main(args)
+    if args.stage == "tables":  # the cells resolve their own configs, each in its own run directory
+        return _tables(args)
     if args.stage == "config" and args.fields:
         print("\n".join(describe_fields()))
         return 0
@@ -131,6 +156,59 @@ def _grid(args, cfg) -> int:
                                 tuple(args.seeds), args.grid_seed, args.out)
     except USER_ERRORS as err:
         return _error_exit(err)
+    return 0
+
+
+def _tables(args) -> int:
+    from pathlib import Path
+
+    from rerank_dist import llamarec_tables as tables, preemption
+    from rerank_dist.config import ConfigError
+    from rerank_dist.distributed import process_state
+    from rerank_dist.errors import USER_ERRORS
+
+    try:
+        plan = tables.make_plan(Path(args.root), args.datasets, args.seeds, not args.no_grid, args.config,
+                                args.overrides, {"weight_decay": args.weight_decay, "dropout": args.dropout})
+        configs = tables.check_plan(plan)  # every cell's config, every problem at once, before any model loads
+        if args.list_cells:
+            for cell in tables.cells(plan):
+                print("\t".join([cell.name, cell.kind, tables.cell_state(plan, cell), cell.after(plan) or "-"]))
+            return 0
+        if args.dry_run:
+            print("\n".join(tables.dry_run_lines(plan)))
+            return 0
+        if args.tables_only:
+            print(tables.markdown(tables.write_tables(plan, args.out)), end="")
+            return 0
+        state = process_state(configs[0].train.backend)
+    except (ConfigError, *USER_ERRORS) as err:
+        return _error_exit(err)
+
+    def log(message: str) -> None:
+        if state.is_main_process:
+            print(message, flush=True)
+
+    try:
+        todo = [tables.find_cell(plan, args.cell)] if args.cell else tables.cells(plan)
+        for cell in todo:
+            status = tables.cell_state(plan, cell)
+            if status == "done" and not args.cell:
+                log(f"[tables] {cell.name}: done, skipped")
+                continue
+            log(f"[tables] {cell.name}: {status} -> running")
+            tables.run_cell(plan, cell, log)
+            state.wait_for_everyone()  # the next cell's state is read from what this one wrote
+        if state.is_main_process and not args.cell:
+            log(tables.markdown(tables.write_tables(plan, args.out)))
+            log(f"[tables] {plan.root / tables.TABLES_FILE} (+ .md)" + (f" and {args.out}" if args.out else ""))
+    except USER_ERRORS as err:
+        return _error_exit(err)
+    except preemption.Preempted as stop:
+        log(f"preempted: {stop}; exit status {stop.code}: run the same command again (or requeue the job) to resume")
+        state.destroy_process_group()
+        return stop.code
+    state.destroy_process_group()
     return 0
 
 
@@ -191,6 +269,8 @@ def _launch(args) -> int:
     world = nproc * args.nnodes
     # The stage's own arguments, parsed as the workers will parse them.
     stage_args = build_parser().parse_args(args.command)
+    if stage_args.stage == "tables" and (stage_args.dry_run or stage_args.list_cells):
+        return _tables(stage_args)
     try:
         cfg, _ = resolve_config(stage_args.config, stage_args.overrides, world_size=world)
     except ConfigError as err:

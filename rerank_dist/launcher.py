@@ -33,7 +33,7 @@ from rerank_dist import preemption
 
 # Stages that may run under several processes. prepare/report run once on the main process; retrieve trains
 # on the main process and makes candidates on every one.
-MULTI_PROCESS_STAGES = ("run", "train", "score", "export", "prepare", "retrieve", "report", "grid")
+MULTI_PROCESS_STAGES = ("run", "train", "score", "export", "prepare", "retrieve", "report", "grid", "tables")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

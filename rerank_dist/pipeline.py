@@ -36,8 +36,9 @@ STAGE_INPUTS = {
     "prepare": ("data",),
     "retrieve": ("data", "retriever"),
     "train": ("data", "retriever", "prompt", "model", "train"),
+    "score": ("score",),
 }
-UPSTREAM = {"prepare": None, "retrieve": "prepare", "train": "retrieve"}
+UPSTREAM = {"prepare": None, "retrieve": "prepare", "train": "retrieve", "score": "train"}
 # Fields that say where things are kept or how a run is watched, not what its outputs are.
 ENVIRONMENT_FIELDS = {"data.download_dir", "model.cache_dir", "model.gguf_fallback", "train.resume",
                       "train.report_to", "train.examples_dir"}
@@ -51,7 +52,7 @@ RANKER_INPUTS = "inputs.json"
 
 def _stage_dir(cfg: RunConfig, stage: str) -> Path:
     paths = RunPaths(Path(cfg.run_dir))
-    return {"prepare": paths.data, "retrieve": paths.retriever, "train": paths.ranker}[stage]
+    return {"prepare": paths.data, "retrieve": paths.retriever, "train": paths.ranker, "score": paths.root / "scores"}[stage]
 
 
 def _inputs(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -87,7 +88,8 @@ def _stage_key(cfg: RunConfig, stage: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _done(cfg: RunConfig, stage: str) -> bool:
+def stage_done(cfg: RunConfig, stage: str) -> bool:
+    """True when the stage's outputs exist for these settings (its recorded key is this config's)."""
     return recorded_key(cfg, stage) == _stage_key(cfg, stage)
 
 
@@ -142,7 +144,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     from rerank_dist.data.prepare import prepare_data
 
     paths = RunPaths(Path(cfg.run_dir))
-    if _done(cfg, "prepare"):
+    if stage_done(cfg, "prepare"):
         log(f"[prepare] up to date: {paths.data}")
         return read_json(paths.data / "meta.json")
     started = time.time()
@@ -166,7 +168,7 @@ def retrieve(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     check_upstream(cfg, "retrieve")
     state = process_state()
     # One decision for all: a process that skipped while another ran would leave it waiting in a collective.
-    if main_decides(state, _done(cfg, "retrieve")):
+    if main_decides(state, stage_done(cfg, "retrieve")):
         log(f"[retrieve] up to date: {paths.retriever}")
         return read_json(paths.retriever / "metrics_test.json")
     started = time.time()
@@ -212,7 +214,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     paths = RunPaths(Path(cfg.run_dir))
     check_upstream(cfg, "train")
-    if _done(cfg, "train") and (paths.best / "adapter_model.safetensors").is_file():
+    if stage_done(cfg, "train") and (paths.best / "adapter_model.safetensors").is_file():
         log(f"[train] up to date: {paths.best}")
         return read_json(paths.ranker / "train_summary.json")
     state = process_state()
@@ -237,9 +239,14 @@ def score(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, dict]
 
     check_upstream(cfg, "score")
     results = {}
+    started = time.time()
     for split in cfg.score.splits:
         log(f"[score] {split}: reloading {RunPaths(Path(cfg.run_dir)).best} from disk")
         results[split] = score_split(cfg, split)
+    if process_state().is_main_process:
+        # Recorded, not acted on: scoring always scores again; `rerank-dist tables` reads it to skip a
+        # run whose scores are those of its adapter.
+        _mark(cfg, "score", time.time() - started)
     return results
 
 

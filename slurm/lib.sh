@@ -67,6 +67,39 @@ rd_quote() {
   echo "${line# }"
 }
 
+# Before submitting jobs (submit.sh, tables.sh): the log folder (Slurm opens the log before the job
+# starts, so it must exist) and the sbatch options every job gets (RD_COMMON) and a GPU job adds
+# (RD_GPU_JOB), from the site settings. Descriptor 3 is the terminal, for rd_submit's --dry-run.
+rd_submission_setup() {
+  mkdir -p "$RERANK_LOG_DIR"
+  RD_COMMON=(--output="$RERANK_LOG_DIR/%x-%j.out" --kill-on-invalid-dep=yes)
+  if [ -n "$RERANK_PARTITION" ]; then RD_COMMON+=(--partition="$RERANK_PARTITION"); fi
+  if [ -n "$RERANK_ACCOUNT" ]; then RD_COMMON+=(--account="$RERANK_ACCOUNT"); fi
+  local -a extra
+  read -r -a extra <<< "$RERANK_SBATCH_ARGS"
+  RD_COMMON+=("${extra[@]}")
+  # shellcheck disable=SC2034  # read by the scripts that source this file
+  RD_GPU_JOB=(--nodes="$RERANK_NODES" --ntasks-per-node=1 --gpus-per-node="$RERANK_GPUS_PER_NODE"
+    --cpus-per-task="$RERANK_CPUS_PER_TASK" --signal="USR1@$RERANK_SIGNAL_LEAD" --requeue)
+  exec 3>&1
+}
+
+# rd_submit NAME SBATCH-ARGS... SCRIPT ARGS: prints the job id (a placeholder <NAME-job-id> under
+# --dry-run, where the command itself goes to the terminal through descriptor 3, as $(rd_submit ...)
+# captures stdout).
+rd_submit() {
+  local name="$1"
+  shift
+  if [ "$RD_DRY_RUN" = 1 ]; then
+    rd_quote sbatch "$@" >&3
+    echo "<$name-job-id>"
+  else
+    local id
+    id="$(sbatch --parsable "$@")"
+    echo "${id%%;*}"  # "id;cluster" on federated setups
+  fi
+}
+
 # Run a command, or only print it under --dry-run.
 rd_run() {
   if [ "$RD_DRY_RUN" = 1 ]; then

@@ -36,48 +36,24 @@ if [ "$RD_DRY_RUN" = 0 ] && ! command -v sbatch > /dev/null; then
 fi
 # The jobs find lib.sh and site.env through this, wherever sbatch copies their scripts.
 export RERANK_SLURM_DIR="$RD_SLURM_DIR"
-mkdir -p "$RERANK_LOG_DIR"  # Slurm opens the log before the job starts: the folder must exist
-
-common=(--output="$RERANK_LOG_DIR/%x-%j.out" --kill-on-invalid-dep=yes)
-if [ -n "$RERANK_PARTITION" ]; then common+=(--partition="$RERANK_PARTITION"); fi
-if [ -n "$RERANK_ACCOUNT" ]; then common+=(--account="$RERANK_ACCOUNT"); fi
-read -r -a extra <<< "$RERANK_SBATCH_ARGS"
-common+=("${extra[@]}")
-gpu_job=(--nodes="$RERANK_NODES" --ntasks-per-node=1 --gpus-per-node="$RERANK_GPUS_PER_NODE"
-  --cpus-per-task="$RERANK_CPUS_PER_TASK" --signal="USR1@$RERANK_SIGNAL_LEAD" --requeue)
+rd_submission_setup
 args=("${RD_CONFIG_ARGS[@]}" "${RD_OVERRIDES[@]}")
-
-# sbatch ... SCRIPT ARGS; prints the job id (a placeholder under --dry-run, where the command itself
-# goes to the terminal through descriptor 3, as $(submit ...) captures stdout).
-exec 3>&1
-submit() {
-  local name="$1"
-  shift
-  if [ "$RD_DRY_RUN" = 1 ]; then
-    rd_quote sbatch "$@" >&3
-    echo "<$name-job-id>"
-  else
-    local id
-    id="$(sbatch --parsable "$@")"
-    echo "${id%%;*}"  # "id;cluster" on federated setups
-  fi
-}
 
 after=()
 ids=()
 if [ "$from" = prepare ]; then
-  prepare_id="$(submit prepare "${common[@]}" --cpus-per-task="$RERANK_PREPARE_CPUS" --time="$RERANK_TIME_PREPARE" \
+  prepare_id="$(rd_submit prepare "${RD_COMMON[@]}" --cpus-per-task="$RERANK_PREPARE_CPUS" --time="$RERANK_TIME_PREPARE" \
     "$RD_SLURM_DIR/prepare.sh" "${args[@]}")"
   after=(--dependency="afterok:$prepare_id")
   ids+=("prepare $prepare_id")
 fi
 if [ "$from" != score ]; then
-  train_id="$(submit train "${common[@]}" "${after[@]}" "${gpu_job[@]}" --time="$RERANK_TIME_TRAIN" \
+  train_id="$(rd_submit train "${RD_COMMON[@]}" "${after[@]}" "${RD_GPU_JOB[@]}" --time="$RERANK_TIME_TRAIN" \
     "$RD_SLURM_DIR/train.sh" "${args[@]}")"
   after=(--dependency="afterok:$train_id")
   ids+=("train $train_id")
 fi
-score_id="$(submit score "${common[@]}" "${after[@]}" "${gpu_job[@]}" --time="$RERANK_TIME_SCORE" \
+score_id="$(rd_submit score "${RD_COMMON[@]}" "${after[@]}" "${RD_GPU_JOB[@]}" --time="$RERANK_TIME_SCORE" \
   "$RD_SLURM_DIR/score.sh" "${args[@]}")"
 ids+=("score $score_id")
 echo "submitted: ${ids[*]}; logs in $RERANK_LOG_DIR/rerank-<stage>-<job id>.out"
