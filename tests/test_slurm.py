@@ -4,7 +4,9 @@ once per session, installed with apt-get when missing), CPU nodes, the tiny mode
 - a 2-node `sbatch slurm/train.sh` job trains with a world of 2;
 - a job signalled with USR1 mid-training (what `--signal=USR1@300` sends before the time limit)
   checkpoints, requeues itself and ends with the adapter of an uninterrupted run, bit for bit;
-- `slurm/submit.sh` runs prepare -> train -> score as three dependent jobs, end to end.
+- `slurm/submit.sh` runs prepare -> train -> score as three dependent jobs, end to end;
+- `slurm/tables.sh` submits one job per cell of `rerank-dist tables` that is not done, each after the
+  cell it reads, and the tables job after all of them.
 
 Select them with `pytest -m slurm`; they skip (saying why) only where there is no root or no apt-get.
 The script checks (shellcheck, --dry-run) need no cluster.
@@ -91,6 +93,29 @@ def test_job_script_dry_run_prints_the_per_node_launch(tmp_path):
         refused = subprocess.run(["bash", str(SLURM / "train.sh"), *args], cwd=tmp_path, env=env,
                                  capture_output=True, text=True)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and error in refused.stderr
+
+
+def test_tables_dry_run_submits_each_cell_not_done_after_the_cell_it_reads(tmp_path):
+    env = {**_site_free_env(tmp_path, RERANK_GPUS_PER_NODE="4", RERANK_PREPARE_CPUS="6"), "PYTHONPATH": str(REPO),
+           "RERANK_DIST": f"{sys.executable} -m rerank_dist.cli"}
+    result = subprocess.run(["bash", str(SLURM / "tables.sh"), "--dry-run", "train.lr=1e-4", "--root", "out",
+                             "--seeds", "0", "1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    jobs = {re.search(r"--cell (\S+)", line).group(1) if "--cell" in line else "tables": line
+            for line in result.stdout.splitlines() if line.startswith("sbatch ")}
+    cell = "ml-latest-small/seed{}/{}"
+    assert list(jobs) == ["ml-latest-small/grid", cell.format(0, "retriever"), cell.format(0, "ranker"),
+                          cell.format(1, "retriever"), cell.format(1, "ranker"), "tables"]
+    assert "--dependency" not in jobs["ml-latest-small/grid"]
+    assert "--dependency=afterok:<ml-latest-small/grid-job-id>" in jobs[cell.format(1, "retriever")]
+    assert f"--dependency=afterok:<{cell.format(1, 'retriever')}-job-id>" in jobs[cell.format(1, "ranker")]
+    assert jobs["tables"].count("-job-id>") == 5 and "--dependency=afterany:" in jobs["tables"]
+    assert "--gpus-per-node=4" in jobs[cell.format(0, "ranker")] and "tables_cell.sh nodes --cell" in jobs[cell.format(0, "ranker")]
+    assert "--gpus-per-node" not in jobs[cell.format(0, "retriever")] and "--cpus-per-task=6" in jobs[cell.format(0, "retriever")]
+    assert jobs[cell.format(0, "ranker")].endswith("train.lr=1e-4 --root out --seeds 0 1")
+    refused = subprocess.run(["bash", str(SLURM / "tables.sh"), "--dry-run", "--datasets", "nosuch"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown dataset 'nosuch'" in refused.stderr and "sbatch" not in refused.stdout
 
 
 # ---------------------------------------------------------------- on a two-node cluster
@@ -276,3 +301,37 @@ def test_submit_runs_prepare_train_score_as_dependent_jobs(cluster, model_dir, t
     assert infos["score"]["Restarts"] == "1" and metrics["resumed_prompts"] == 32
     assert "scoring stopped with 32 of 610 prompts scored" in _log(tmp_path, "rerank-score", ids["score"])
     assert (run / "report.md").is_file() and (run / "export" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slurm
+def test_tables_runs_each_cell_as_a_job_after_the_cell_it_reads(cluster, trained_run, tmp_path):
+    """slurm/tables.sh --no-grid --seeds 42 7: seed 42 is a copy of the trained run whose scores were lost
+    (its retriever is done, so not submitted); seed 7 is new. Jobs: seed42/ranker, seed7/retriever,
+    seed7/ranker after seed7/retriever, and the tables after all three."""
+    cluster_env, _ = cluster
+    root = tmp_path / "tables"
+    run42 = root / "ml-latest-small" / "seed42"
+    shutil.copytree(trained_run[0], run42)
+    (run42 / "scores" / "stage.json").unlink()
+    env = _job_env(cluster_env, tmp_path, RERANK_NODES="1")
+    base = [o for o in trained_run[1] if not o.startswith("run_dir=")]
+    started = time.time()
+    result = subprocess.run(["bash", str(SLURM / "tables.sh"), *base, "--root", "tables", "--no-grid", "--seeds",
+                             "42", "7"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ml-latest-small/seed42/retriever: done, not submitted" in result.stdout
+    ids = dict(re.findall(r"^(\S+): (\d+)", result.stdout, re.M))
+    cell = "ml-latest-small/seed{}/{}"
+    assert list(ids) == [cell.format(42, "ranker"), cell.format(7, "retriever"), cell.format(7, "ranker"), "tables"]
+    assert f"afterok:{ids[cell.format(7, 'retriever')]}" in _job(env, ids[cell.format(7, "ranker")])["Dependency"]
+    assert _job(env, ids[cell.format(42, "ranker")])["Dependency"] == "(null)"
+    infos = {name: _wait(env, job, timeout=400) for name, job in ids.items()}
+    print(f"\ntables on Slurm: {time.time() - started:.0f} s wall\n{_sacct(env, *ids.values())}")
+    for name, info in infos.items():
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), name
+    assert infos[cell.format(7, "retriever")]["EndTime"] <= infos[cell.format(7, "ranker")]["StartTime"]
+    assert max(i["EndTime"] for n, i in infos.items() if n != "tables") <= infos["tables"]["StartTime"]
+    written = read_json(root / "tables.json")
+    assert set(written["cells"].values()) == {"done"}
+    assert written["datasets"][0]["rows"]["ranker"]["seeds"] == [42, 7]
+    assert read_json(RunPaths(root / "ml-latest-small" / "seed7").metrics("test"))["reranker"]["num_users"] == 610
