@@ -185,3 +185,27 @@ def test_dataset_specs_by_name_by_directory_and_by_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
         tables.parse_dataset(f"games={tmp_path / 'missing'}")
     assert json.dumps(tables.PAPER)  # the paper's figures are plain data (they go into tables.json)
+
+
+def test_a_local_named_dataset_runs_its_retriever_cell_and_sits_next_to_the_papers_row(tmp_path, capsys):
+    """games=DIR (LlamaRec's Games layout: ratings CSV + metadata JSON lines, here 40 users x 12 of 60 items)."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "games_raw"
+    raw.mkdir()
+    (raw / "ratings_Video_Games.csv").write_text("".join(
+        f"u{u},i{i},5.0,{1000 * u + k}\n" for u in range(40) for k, i in enumerate(rng.choice(60, 12, replace=False))))
+    (raw / "meta_Video_Games.json").write_text("".join(json.dumps({"asin": f"i{i}", "title": f"Game {i}"}) + "\n"
+                                                       for i in range(60)))
+    tiny = ["retriever.embed_dim=8", "retriever.max_epochs=1", "retriever.max_len=8", "retriever.max_minutes=0",
+            "retriever.top_k=4"]
+    args = ["tables", *tiny, "--root", str(tmp_path / "root"), "--no-grid", "--seeds", "0", "--datasets", f"games={raw}"]
+    assert main([*args, "--cell", "games/seed0/ranker"]) == 2  # refused: its retriever is not done
+    assert "games/seed0/ranker: waiting for games/seed0/retriever" in capsys.readouterr().err
+    assert main([*args, "--cell", "games/seed0/retriever"]) == 0
+    assert main([*args, "--tables-only"]) == 0
+    written = read_json(tmp_path / "root" / tables.TABLES_FILE)["datasets"][0]
+    assert written["dataset"] == "games" and written["rows"]["retriever"]["users"] == 40
+    assert list(written["rows"]) == ["retriever"]
+    md = (tmp_path / "root" / "tables.md").read_text()
+    assert "| games | LRURec (LlamaRec's paper) | | - | - | - | 0.0800 | 0.1463 | - |" in md
+    assert "Cells not done: games/seed0/ranker (to do)" in md
