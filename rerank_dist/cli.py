@@ -163,7 +163,6 @@ def _tables(args) -> int:
     from pathlib import Path
 
     from rerank_dist import llamarec_tables as tables, preemption
-    from rerank_dist.config import ConfigError
     from rerank_dist.distributed import process_state
     from rerank_dist.errors import USER_ERRORS
 
@@ -182,7 +181,7 @@ def _tables(args) -> int:
             print(tables.markdown(tables.write_tables(plan, args.out)), end="")
             return 0
         state = process_state(configs[0].train.backend)
-    except (ConfigError, *USER_ERRORS) as err:
+    except USER_ERRORS as err:
         return _error_exit(err)
 
     def log(message: str) -> None:

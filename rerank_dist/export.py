@@ -29,7 +29,7 @@ import torch
 from rerank_dist.config import ExportConfig, ModelConfig, RunConfig
 from rerank_dist.hardware import resolve_dtype
 from rerank_dist.io import atomic_dir, read_json, sha256_file, write_json
-from rerank_dist.modeling import _DTYPES, load_base_model, load_tokenizer
+from rerank_dist.modeling import _DTYPES, load_base_model, load_tokenizer, trained_quantization
 from rerank_dist.paths import RunPaths
 
 # What stock PEFT reads (and writes, with its model card); optimizer state and the run config stay behind.
@@ -62,6 +62,8 @@ def export_run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     if not (best / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{best / 'adapter_model.safetensors'}: no trained adapter to export; "
                                 f"run the train stage first")
+    if cfg.model.quantization == "auto":  # as training decided it on its device (the checkpoint's config.yaml)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization=trained_quantization(best)))
     verbalizer = read_json(best / "verbalizer.json")
     tokenizer = load_tokenizer(cfg.model)
     started = time.perf_counter()

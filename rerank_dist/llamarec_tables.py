@@ -221,13 +221,11 @@ def _grid_done(plan: Plan, cell: Cell) -> bool:
     path = grid_summary_path(plan, cell.dataset)
     if not path.is_file():
         return False
+    from rerank_dist.retrieval.grid import base_settings
+
     summary = read_json(path)
-    base = cell_config(plan, cell).retriever
-    expected = {k: v for k, v in dataclasses.asdict(base).items()
-                if k not in ("weight_decay", "dropout", "attn_dropout", "seed", "top_k", "train_prefixes_per_user",
-                             "train_candidates")}
-    return (summary.get("space") == plan.grid_space
-            and summary["best"].get("seeds") == list(plan.seeds) and summary.get("base") == expected)
+    return (summary.get("space") == plan.grid_space and summary["best"].get("seeds") == list(plan.seeds)
+            and summary.get("base") == base_settings(cell_config(plan, cell).retriever))
 
 
 def cell_state(plan: Plan, cell: Cell) -> str:
@@ -540,6 +538,6 @@ def write_tables(plan: Plan, copy_to: str | Path = "") -> dict[str, Any]:
     """<root>/tables.json and .md (and the same at copy_to, a .json path, when given)."""
     tables = collect(plan)
     for path in [plan.root / TABLES_FILE] + ([Path(copy_to)] if copy_to else []):
-        write_json(path, {k: v for k, v in tables.items()})
+        write_json(path, tables)
         atomic_write_text(Path(path).with_suffix(".md"), markdown(tables))
     return tables

@@ -82,9 +82,9 @@ def test_prepare_failing_after_it_began_writing_leaves_nothing_to_trust(tmp_path
 
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp directory left behind
     cfg_old, cfg_new = load_config(None, old), load_config(None, new)
-    assert not pipeline._done(cfg_new, "prepare")  # the failed prepare must be redone
+    assert not pipeline.stage_done(cfg_new, "prepare")  # the failed prepare must be redone
     for cfg in (cfg_old, cfg_new):
-        if pipeline._done(cfg, "prepare"):  # what the marker vouches for is what is there, complete
+        if pipeline.stage_done(cfg, "prepare"):  # what the marker vouches for is what is there, complete
             assert load_dataset(data_dir).meta["config"] == dataclasses.asdict(cfg.data)
     if failing == pipeline.MARKER:
         # The new files are complete, but no marker vouches for them: the next run redoes prepare.
@@ -94,7 +94,7 @@ def test_prepare_failing_after_it_began_writing_leaves_nothing_to_trust(tmp_path
         capsys.readouterr()
         assert main(["prepare", *old]) == 0 and "[prepare] up to date" in capsys.readouterr().out
         assert load_dataset(data_dir).num_items == 5
-    assert main(["prepare", *new]) == 0 and pipeline._done(cfg_new, "prepare")
+    assert main(["prepare", *new]) == 0 and pipeline.stage_done(cfg_new, "prepare")
     assert load_dataset(data_dir).num_items == 4 and load_dataset(data_dir).meta["min_count"] == 2
 
 

@@ -136,6 +136,16 @@ def test_adapter_only_export(trained_run, tmp_path):
     assert manifest["merged"] is False and manifest["shards"] == [] and manifest["merged_dtype"] is None
 
 
+def test_quantization_auto_exports_as_training_decided_it(trained_run, tmp_path):
+    cfg = _copy_run(trained_run, tmp_path / "run", "export.merged=false", "model.quantization=auto")
+    recorded = RunPaths(Path(cfg.run_dir)).best / "config.yaml"
+    assert "quantization: none" in recorded.read_text()  # what the training run decided and recorded
+    assert export_run(cfg, log=lambda _: None)["trained_quantization"] == "none"
+    recorded.write_text(recorded.read_text().replace("quantization: none", "quantization: auto"))
+    with pytest.raises(FileNotFoundError, match="model.quantization=auto needs the quantization training chose"):
+        export_run(cfg, log=lambda _: None)
+
+
 def test_missing_adapter_is_one_clear_line(trained_run, tmp_path):
     cfg = _copy_run(trained_run, tmp_path / "run")
     shutil.rmtree(RunPaths(Path(cfg.run_dir)).best)

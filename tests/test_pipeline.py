@@ -168,13 +168,13 @@ def test_changed_local_raw_files_redo_prepare_and_what_follows(tmp_path, capsys)
                                  "data.min_count=1"])
     pipeline.prepare(cfg)
     pipeline._mark(cfg, "retrieve", 0.0)  # stands in for a finished retrieve stage
-    assert pipeline._done(cfg, "retrieve")
+    assert pipeline.stage_done(cfg, "retrieve")
     pipeline.prepare(cfg)
     assert capsys.readouterr().out.count("up to date") == 1
     write_local(raw, dense_block(range(1, 8), range(1, 9)), movies)  # one more user, same config
-    assert not pipeline._done(cfg, "prepare")
+    assert not pipeline.stage_done(cfg, "prepare")
     assert pipeline.prepare(cfg)["num_users"] == 7
-    assert not pipeline._done(cfg, "retrieve")
+    assert not pipeline.stage_done(cfg, "retrieve")
 
 
 def test_stages_are_skipped_when_up_to_date(trained_run, capsys):

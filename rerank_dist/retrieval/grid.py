@@ -88,6 +88,11 @@ def _settings(cfg: RetrieverConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
+def base_settings(cfg: RetrieverConfig) -> dict:
+    """The settings the grid holds fixed: what it trains with, less the tuned fields and the seed."""
+    return {k: v for k, v in _settings(cfg).items() if k not in TUNED_FIELDS and k != "seed"}
+
+
 def validation_metrics(model: Any, sequences: Mapping[int, Sequence[int]], max_len: int) -> dict[str, float]:
     """Validation target seq[-2] ranked over the whole catalogue from seq[:-2], history excluded."""
     histories, targets = validation_examples(sequences)
@@ -187,7 +192,7 @@ def run_grid(base: RetrieverConfig, dataset: Any, out_dir: str | Path, space: Ma
         "best": over_seeds(chosen),
         "reference": over_seeds(reference),
         "best_beats_reference_on_val": None,
-        "base": {k: v for k, v in _settings(base).items() if k not in TUNED_FIELDS and k != "seed"},
+        "base": base_settings(base),
         "runs": [{k: r[k] for k in ("name", "config", "seed", "val", "test", "train_minutes", "best_epoch",
                                     "epochs", "stopped_by", "load_average")} for r in grid],
         "minutes_this_invocation": round((time.monotonic() - started) / 60, 2),
