@@ -209,3 +209,22 @@ def test_a_local_named_dataset_runs_its_retriever_cell_and_sits_next_to_the_pape
     md = (tmp_path / "root" / "tables.md").read_text()
     assert "| games | LRURec (LlamaRec's paper) | | - | - | - | 0.0800 | 0.1463 | - |" in md
     assert "Cells not done: games/seed0/ranker (to do)" in md
+
+
+@pytest.mark.distributed
+def test_tables_on_two_processes_split_the_grid_and_run_every_cell_once(tmp_path, model_dir):
+    from tests.test_distributed import _run
+
+    base = [o for o in run_overrides(tmp_path / "unused", model_dir) if not o.startswith("run_dir=")]
+    root = tmp_path / "tables"
+    result = _run("launch", "--nproc-per-node", "2", "tables", *base, "--root", str(root), "--seeds", "0",
+                  "--weight-decay", "0", "--dropout", "0.1", "0.3")
+    assert [line for line in result.stdout.splitlines() if line.startswith("[tables] ") and "running" in line] == [
+        f"[tables] {DATASET}/grid: to do -> running", f"[tables] {DATASET}/seed0/retriever: to do -> running",
+        f"[tables] {DATASET}/seed0/ranker: to do -> running"]
+    grid = read_json(root / DATASET / "grid" / "retriever_grid" / "grid.json")
+    assert grid["processes"] == 2 and len(grid["runs"]) == 2
+    run = RunPaths(root / DATASET / "seed0")
+    assert read_json(run.ranker / "train_summary.json")["world_size"] == 2
+    assert read_json(run.metrics("test"))["world_size"] == 2
+    assert set(read_json(root / tables.TABLES_FILE)["cells"].values()) == {"done"}
