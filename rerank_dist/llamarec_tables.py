@@ -82,6 +82,7 @@ class Dataset:
 
     label: str
     overrides: tuple[str, ...]
+    spec: str = ""  # as given on the command line
 
     @property
     def paper(self) -> dict | None:
@@ -100,7 +101,7 @@ def parse_dataset(spec: str) -> Dataset:
             raise ConfigError(f"--datasets: unknown dataset {label!r}; expected one of {', '.join(CATALOG)}, "
                               f"NAME=DIR (its files in DIR) or LABEL=FILE.yaml (a data: section)")
         source = "bundled" if label == "ml-latest-small" else "download"
-        return Dataset(label, (f"data.source={source}", f"data.dataset={label}"))
+        return Dataset(label, (f"data.source={source}", f"data.dataset={label}"), spec)
     path = Path(where).expanduser().resolve()
     if where.endswith((".yaml", ".yml")):
         if not path.is_file():
@@ -108,13 +109,13 @@ def parse_dataset(spec: str) -> Dataset:
         data = (yaml.safe_load(path.read_text()) or {}).get("data")
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"--datasets {spec}: {path} has no data: section (expected data.dataset, data.source, ...)")
-        return Dataset(label, tuple(_dotted("data", data)))
+        return Dataset(label, tuple(_dotted("data", data)), f"{label}={path}")
     if label not in CATALOG:
         raise ConfigError(f"--datasets {spec}: {label!r} is not a named dataset ({', '.join(CATALOG)}); "
                           f"for other data give LABEL=FILE.yaml with a data: section")
     if not path.is_dir():
         raise ConfigError(f"--datasets {spec}: {path} is not a directory (expected the {label} release files)")
-    return Dataset(label, ("data.source=local", f"data.dataset={label}", f"data.raw_dir={path}"))
+    return Dataset(label, ("data.source=local", f"data.dataset={label}", f"data.raw_dir={path}"), f"{label}={path}")
 
 
 def _dotted(prefix: str, mapping: dict) -> list[str]:
@@ -295,15 +296,16 @@ def _keep_grid_model(plan: Plan, cell: Cell, cfg: RunConfig, log: Callable[[str]
 
 
 def cell_command(plan: Plan, cell: Cell, program: str = "rerank-dist") -> str:
-    """The command that runs this cell alone (what a Slurm job runs)."""
+    """The command that runs this cell alone (as the dry run shows it)."""
     return " ".join([program, "tables", *plan_arguments(plan), "--cell", cell.name])
 
 
 def plan_arguments(plan: Plan) -> list[str]:
-    """The plan as command-line arguments of `rerank-dist tables`."""
+    """The plan as command-line arguments of `rerank-dist tables` (overrides first: the options after
+    them take several values each)."""
     import shlex
 
-    args = ["--root", str(plan.root), "--datasets", *(_spec(d) for d in plan.datasets),
+    args = [*plan.overrides, "--root", str(plan.root), "--datasets", *(d.spec or d.label for d in plan.datasets),
             "--seeds", *map(str, plan.seeds)]
     if not plan.grid:
         args.append("--no-grid")
@@ -311,7 +313,7 @@ def plan_arguments(plan: Plan) -> list[str]:
         args += [f"--{name.replace('_', '-')}", *(f"{v:g}" for v in values)]
     if plan.config_file:
         args += ["--config", plan.config_file]
-    return [shlex.quote(a) for a in [*args, *plan.overrides]]
+    return [shlex.quote(a) for a in args]
 
 
 # Set per cell by the command: a base override of one of these would be silently replaced.
@@ -393,15 +395,6 @@ def dry_run_lines(plan: Plan, program: str = "rerank-dist") -> list[str]:
         lines += [f"  = {stage}" for stage in stages]
     lines.append(f"then: the tables -> {plan.root / TABLES_FILE} (+ .md), from the cells that are done")
     return lines
-
-
-def _spec(dataset: Dataset) -> str:
-    values = dict(o.split("=", 1) for o in dataset.overrides)
-    if values.get("data.source") in ("bundled", "download") and len(values) == 2:
-        return dataset.label
-    if values.get("data.source") == "local" and set(values) == {"data.source", "data.dataset", "data.raw_dir"}:
-        return f"{dataset.label}={values['data.raw_dir']}"
-    raise ValueError(f"{dataset.label}: a dataset from a YAML file has no one-word spelling; pass it as LABEL=FILE.yaml")
 
 
 # ---------------------------------------------------------------- the tables

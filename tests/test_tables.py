@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from rerank_dist import llamarec_tables as tables
-from rerank_dist.cli import main
+from rerank_dist.cli import build_parser, main
 from rerank_dist.config import ConfigError
 from rerank_dist.io import read_json, write_json, write_parquet
 from rerank_dist.metrics import metrics_from_ranks, paired_bootstrap, per_user
@@ -145,11 +145,15 @@ def test_the_grid_cell_selects_and_the_retriever_cell_keeps_the_grids_model(tmp_
 
 
 def test_dry_run_prints_each_cell_its_state_and_commands_and_writes_nothing(tmp_path, capsys):
-    assert main(["tables", "--root", str(tmp_path), "--seeds", "0", "1", "--dry-run"]) == 0
+    assert main(["tables", "train.lr=1e-4", "--root", str(tmp_path), "--seeds", "0", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
+    printed = next(line.split() for line in out.splitlines() if line.endswith(f"--cell {DATASET}/seed1/ranker"))
+    again = build_parser().parse_args(printed[1:])  # the printed command means the same cell and plan
+    assert (again.cell, again.seeds, again.overrides, again.root) == (f"{DATASET}/seed1/ranker", [0, 1],
+                                                                    ["train.lr=1e-4"], str(tmp_path))
     assert f"{DATASET}/grid  [to do]" in out
     assert f"{DATASET}/seed1/retriever  [waiting for {DATASET}/grid]  (after {DATASET}/grid)" in out
-    assert f"--cell {DATASET}/seed1/ranker" in out and f"= rerank-dist train data.source=bundled" in out
+    assert "= rerank-dist train train.lr=1e-4 data.source=bundled" in out
     assert "--weight-decay 0 0.01 --dropout 0 0.1 0.2 0.3 0.4 0.5 --seeds 0 1 --grid-seed 0" in out  # LlamaRec's grid
     assert list(tmp_path.iterdir()) == []
     assert main(["tables", "--root", str(tmp_path), "--seeds", "0", "--no-grid", "--list-cells"]) == 0
@@ -179,7 +183,7 @@ def test_dataset_specs_by_name_by_directory_and_by_yaml(tmp_path):
     spec.write_text("data:\n  source: local\n  dataset: custom\n  format: table\n  raw_dir: /d\n"
                     "  columns: {user: uid, item: iid}\n")
     mine = tables.parse_dataset(f"shop={spec}")
-    assert mine.label == "shop" and mine.paper is None
+    assert mine.label == "shop" and mine.paper is None and mine.spec == f"shop={spec}"  # how the dry run spells it
     assert mine.overrides == ("data.source=local", "data.dataset=custom", "data.format=table", "data.raw_dir=/d",
                               "data.columns.user=uid", "data.columns.item=iid")
     with pytest.raises(ConfigError, match="not a directory"):
