@@ -107,9 +107,14 @@ def plan_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
 AUTO_HEADROOM = 0.9
 
 
-def resolve_auto(cfg: RunConfig, plan: BatchPlan, device_bytes: int, device: str = "cuda") -> tuple[Any, dict]:
+def resolve_auto(cfg: RunConfig, plan: BatchPlan, device_bytes: int, device: str = "cuda",
+                 decided: dict | None = None) -> tuple[Any, dict]:
     """model.gradient_checkpointing / model.quantization with auto decided for a device of
     ``device_bytes``: (the ModelConfig with concrete values, a record of the choice and its reason).
+
+    ``decided``: the concrete values a run being resumed recorded (its checkpoint's config.yaml,
+    ``recorded_memory_options``). They are kept whatever this device would choose: a run that
+    started in 4-bit must not go on in 16-bit (or the reverse) because it restarted elsewhere.
 
     The fastest setting whose training-memory estimate fits is taken, in this order: neither, checkpointing
     alone, 4-bit alone, both (checkpointing costs about a third more compute; bitsandbytes' 4-bit
@@ -130,6 +135,12 @@ def resolve_auto(cfg: RunConfig, plan: BatchPlan, device_bytes: int, device: str
     record: dict[str, Any] = {"asked": asked, "device_gib": round(device_bytes / GIB, 1), "headroom": AUTO_HEADROOM}
     if "auto" not in asked.values():
         return mc, {**record, "gradient_checkpointing": ckpt[0], "quantization": quant[0], "reason": "set in the config"}
+    if decided is not None:
+        q = decided["quantization"] if mc.quantization == "auto" else quant[0]
+        c = decided["gradient_checkpointing"] if mc.gradient_checkpointing == "auto" else ckpt[0]
+        record.update({"gradient_checkpointing": c, "quantization": q,
+                       "reason": f"as the run decided before its restart ({decided['source']}), not re-estimated"})
+        return dataclasses.replace(mc, quantization=q, gradient_checkpointing=c), record
     found = find_architecture(mc.name_or_path, mc.cache_dir)
     chosen, reason, estimates = options[-1], "", {}
     if found is None:
@@ -157,6 +168,20 @@ def resolve_auto(cfg: RunConfig, plan: BatchPlan, device_bytes: int, device: str
                    "estimates_gib": estimates, "micro_batch": plan.micro_batch_size,
                    "seq_len": cfg.prompt.max_prompt_tokens})
     return dataclasses.replace(mc, quantization=q, gradient_checkpointing=c), record
+
+
+def recorded_memory_options(step_dir: Path) -> dict | None:
+    """The concrete model.quantization / gradient_checkpointing a checkpoint's config.yaml records
+    (train writes auto as decided), with where they were read; None if it records no concrete pair."""
+    import yaml
+
+    recorded = Path(step_dir) / "config.yaml"
+    model = (yaml.safe_load(recorded.read_text()) or {}).get("model", {}) if recorded.is_file() else {}
+    q, c = model.get("quantization"), model.get("gradient_checkpointing")
+    c = {True: "true", False: "false"}.get(c, c)  # YAML may read true / false as booleans
+    if q not in ("none", "nf4") or c not in ("true", "false"):
+        return None
+    return {"quantization": q, "gradient_checkpointing": c, "source": f"{Path(step_dir).name}/config.yaml"}
 
 
 # ---------------------------------------------------------------- the dry run

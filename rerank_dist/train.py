@@ -40,7 +40,7 @@ from rerank_dist.hardware import device_memory_bytes, resolve_dtype
 from rerank_dist.io import append_jsonl, read_jsonl, write_json
 from rerank_dist.label_scoring import label_logits, left_pad, pack, packed_label_logits
 from rerank_dist.paths import RunPaths
-from rerank_dist.plan import plan_for, resolve_auto
+from rerank_dist.plan import plan_for, recorded_memory_options, resolve_auto
 from rerank_dist.score import score_prompts
 
 
@@ -69,8 +69,11 @@ def train(cfg: RunConfig, upstream_key: str) -> dict:
     say = accelerator.print
     say(f"{describe(accelerator)}; backend {BACKEND_NAMES[tc.backend]}")
 
-    # model.gradient_checkpointing / quantization auto: decided here, for this device, before loading
-    model_cfg, memory_choice = resolve_auto(cfg, plan, device_memory_bytes(accelerator.device), accelerator.device.type)
+    # model.gradient_checkpointing / quantization auto: decided here, for this device, before loading;
+    # a resumed run keeps what it decided when it started, whatever device it restarts on.
+    resume_from = latest_step_dir(paths.ranker) if tc.resume else None
+    model_cfg, memory_choice = resolve_auto(cfg, plan, device_memory_bytes(accelerator.device), accelerator.device.type,
+                                            decided=recorded_memory_options(resume_from) if resume_from else None)
     if memory_choice["reason"] != "set in the config":
         say(f"auto: quantization {memory_choice['quantization']}, gradient checkpointing "
             f"{memory_choice['gradient_checkpointing']} ({memory_choice['reason']})")
@@ -100,7 +103,6 @@ def train(cfg: RunConfig, upstream_key: str) -> dict:
 
     state = TrainerState(total_steps=total_steps, world_size=plan.world_size, accumulation=plan.accumulation,
                          backend=tc.backend)
-    resume_from = latest_step_dir(paths.ranker) if tc.resume else None
     if resume_from is not None:
         state = _resume(accelerator, model, optimizer, resume_from, scheduler, total_steps, say)
     if accelerator.is_main_process:

@@ -64,3 +64,26 @@ def test_auto_memory_options_are_decided_recorded_and_followed_by_scoring(traine
     with pytest.raises(FileNotFoundError, match="model.quantization=auto"):
         modeling.trained_quantization(tmp_path)  # no record: refused, not guessed
     assert ModelConfig().gradient_checkpointing == "false" and len(losses) == 2
+
+
+def test_a_resumed_run_keeps_its_auto_choice_on_a_device_that_would_choose_otherwise(trained_run, tmp_path, monkeypatch):
+    """A run that decided auto on one device and restarts on a smaller one goes on as it started (the
+    checkpoint's config.yaml), not in 4-bit halfway through."""
+    from rerank_dist import train as train_module
+    from rerank_dist.plan import plan_for, resolve_auto
+
+    auto = ["model.gradient_checkpointing=auto", "model.quantization=auto", "train.save_every=1"]
+    first, _ = _train(trained_run, tmp_path, "auto", *auto)
+    assert (first["memory_options"]["quantization"], first["memory_options"]["gradient_checkpointing"]) == ("none", "false")
+    run_dir, overrides = trained_run
+    cfg = load_config(overrides=[*overrides, f"run_dir={tmp_path / 'auto'}", *SHORT, *auto, "train.max_steps=3"],
+                      world_size=1)
+    # The precondition: on a device of 1 MiB a fresh run would take 4-bit and checkpointing.
+    _, fresh = resolve_auto(cfg, plan_for(cfg, 1), 2**20, "cpu")
+    assert (fresh["quantization"], fresh["gradient_checkpointing"]) == ("nf4", "true"), fresh
+    monkeypatch.setattr(train_module, "device_memory_bytes", lambda device=None: 2**20)
+    resumed = pipeline.train(cfg)
+    choice = resumed["memory_options"]
+    assert resumed["resumed_from"].endswith("step-000002") and resumed["steps"] == 3
+    assert (choice["quantization"], choice["gradient_checkpointing"]) == ("none", "false")
+    assert "step-000002/config.yaml" in choice["reason"], choice
