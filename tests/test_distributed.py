@@ -83,10 +83,11 @@ def test_scoring_on_two_processes_equals_one_process_exactly(trained_run, tmp_pa
     assert one["reranker"] == two["reranker"]
 
 
-def test_training_on_two_processes_matches_one_process(trained_run, tmp_path):
+def test_training_on_two_processes_packed_matches_one_process_padded(trained_run, tmp_path):
     """Equal global batch (4): 1 process x micro-batch 2 x 2 accumulation against 2 processes x 2 x 1.
     The examples store is built afresh in both: in 3 parts of 8 rows, which the 2 processes share.
-    Both in the length-grouped order (train.length_grouping), whose steps must not depend on the world size."""
+    Both in the length-grouped order (train.length_grouping), whose steps must not depend on the world size;
+    the 2 processes with their micro-batches packed into one unpadded row each (train.packing)."""
     run_dir, overrides = trained_run
     solo, duo = _copy(run_dir, tmp_path / "solo", False), _copy(run_dir, tmp_path / "duo", False)
     for copy in (solo, duo):
@@ -94,7 +95,8 @@ def test_training_on_two_processes_matches_one_process(trained_run, tmp_path):
     parts = {"RERANK_DIST_EXAMPLE_PART_ROWS": "8"}
     grouped = [*NO_DROPOUT, "train.length_grouping=2"]
     _run("launch", "--nproc-per-node", "1", "train", *overrides, f"run_dir={solo}", *grouped, env=parts)
-    built = _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={duo}", *grouped, env=parts)
+    built = _run("launch", "--nproc-per-node", "2", "train", *overrides, f"run_dir={duo}", *grouped,
+                 "train.packing=true", env=parts)
     assert "3 of 3 parts to make, shared by 2 process(es)" in built.stdout
     a, b = ([row for f in sorted((r / "examples" / "train").glob("part-*.arrow"))
              for row in pa.ipc.open_stream(str(f)).read_all().to_pylist()] for r in (solo, duo))
@@ -102,7 +104,8 @@ def test_training_on_two_processes_matches_one_process(trained_run, tmp_path):
     s1, s2 = read_json(solo / "ranker" / "train_summary.json"), read_json(duo / "ranker" / "train_summary.json")
     assert (s1["world_size"], s1["accumulation"]) == (1, 2) and (s2["world_size"], s2["accumulation"]) == (2, 1)
     assert s1["length_grouping"] == s2["length_grouping"] == 2
-    assert s1["padding_share"] == s2["padding_share"]  # the same micro-batches, whichever process ran them
+    assert (s1["packing"], s2["packing"]) == (False, True)
+    assert s1["padding_share"] > 0 and s2["padding_share"] == 0  # padded micro-batches against packed rows
     l1, l2 = _losses(solo), _losses(duo)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
     loss_diff = max(abs(l1[s] - l2[s]) for s in l1)
