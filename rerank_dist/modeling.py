@@ -176,6 +176,14 @@ def compile_decoder_layers(model: Any, backend: str) -> int:
     return len(layers)
 
 
+def compile_stats() -> dict[str, int]:
+    """What torch.compile did in this process so far (Dynamo's counters): graphs compiled and graph
+    breaks. A compiled run with no graph would have fallen back to eager in every layer."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
     # Recent transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack the new name.
     if hasattr(model, "activation_checkpointing_enable"):

@@ -217,6 +217,9 @@ def train(cfg: RunConfig, upstream_key: str) -> dict:
                              else "max_minutes")
     summary["weights_held_share"] = round(held / whole, 4)  # of the main process
     summary["memory_options"] = memory_choice  # gradient checkpointing and quantization, and why
+    if summary["compile_stats"]:  # many graphs or breaks: the layers run in pieces (ZeRO-3's gather hooks)
+        say(f"torch.compile ({cfg.model.compile}): {summary['compile_stats']['graphs']} graphs, "
+            f"{summary['compile_stats']['graph_breaks']} graph breaks (this process)")
     if accelerator.is_main_process:
         write_json(paths.ranker / "train_summary.json", summary)
     accelerator.wait_for_everyone()
@@ -433,6 +436,8 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
              resume_from: Path | None, device: torch.device) -> dict:
     """The run as a whole, from the (reconciled) log: every step once, across restarts. Throughput
     leaves out the first step (start-up, memory allocation)."""
+    from rerank_dist.modeling import compile_stats
+
     records = [r for r in (read_jsonl(paths.train_log).records if paths.train_log.is_file() else []) if "loss" in r]
     losses = [r["loss"] for r in records]
     num_labels = len(data.verbalizer["labels"])
@@ -450,6 +455,7 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
             # tokens/s counts real tokens only; padding: the share of computed slots that were padding
             "length_grouping": cfg.train.length_grouping, "packing": cfg.train.packing,
             "upcast_fp32": cfg.model.upcast_fp32, "compile": cfg.model.compile,
+            "compile_stats": compile_stats() if cfg.model.compile != "none" else None,
             "padding_share": _padding_share(records),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),

@@ -86,7 +86,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # The GPU recipes' combination: NF4 stored in bf16, bf16 mixed precision, gradient checkpointing.
 RECIPE = ["model.quantization=nf4", "model.dtype=bfloat16", "train.mixed_precision=bf16",
           "model.gradient_checkpointing=true"]
-VARIANTS = {"fp32": [], "nf4": ["model.quantization=nf4"], "recipe": RECIPE}
+VARIANTS = {"fp32": [], "nf4": ["model.quantization=nf4"], "recipe": RECIPE, "compiled": ["model.compile=aot_eager"]}
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +236,24 @@ def test_backend_trains_the_gpu_recipe_combination(runs, backend):
     assert all(abs(v - summary["chance_loss"]) < 0.5 for v in losses.values())  # finite, sane
     weights = _adapter(run)
     assert weights and all(t.numel() > 0 and torch.isfinite(t.float()).all() for t in weights.values())
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp"])
+def test_backend_trains_compiled_decoder_layers_like_eager(runs, backend):
+    """model.compile under the sharding backends: each decoder layer compiled in place, its weights
+    gathered by ZeRO-3's / FSDP2's hooks around it; the same losses as the eager run of that backend.
+    aot_eager traces the layers as inductor would, without generating kernels (a minute each on a CPU)."""
+    eager, compiled = runs(backend), runs(backend, "compiled")
+    summary = read_json(compiled / "ranker" / "train_summary.json")
+    assert (summary["world_size"], summary["backend"], summary["compile"]) == (2, backend, "aot_eager")
+    assert summary["compile_stats"]["graphs"] >= 1, summary["compile_stats"]  # the precondition: really compiled
+    print(f"compile under {backend}: {summary['compile_stats']}")
+    l_eager, l_compiled = _losses(eager), _losses(compiled)
+    assert sorted(l_compiled) == sorted(l_eager) == [1, 2, 3, 4, 5, 6]
+    loss_diff = max(abs(l_eager[s] - l_compiled[s]) for s in l_eager)
+    weight_diff = _max_diff(_adapter(eager), _adapter(compiled))
+    print(f"compiled {backend} vs eager: max loss diff {loss_diff:.2e}, max adapter diff {weight_diff:.2e}")
+    assert loss_diff <= LOSS_TOLERANCE and weight_diff <= WEIGHT_TOLERANCE
 
 
 # ---------------------------------------------------------------- configuration, without processes
