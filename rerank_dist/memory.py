@@ -667,6 +667,25 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
+def estimate_scoring_weights(arch: dict, model_cfg: ModelConfig) -> dict:
+    """Bytes of the weights one scoring process holds (score.py), both ways it can load them:
+
+    * ``base_and_adapter``: the base as training loaded it (NF4 codes with their statistics under
+      nf4, every other parameter in model.dtype: no fp32 upcast at scoring) plus the fp32 adapter;
+    * ``merged`` (score.merged_weights): one plain model, every weight in the compute dtype (an NF4
+      base is dequantized to it, bf16 for a bfloat16 model, else fp32), the adapter merged in.
+
+    Scoring activations (one batch's, logits_to_keep=1) are not counted.
+    """
+    lay = _layout(json.dumps(arch, sort_keys=True))
+    dtype, _ = planned_dtype(model_cfg.dtype)
+    scoring = dataclasses.replace(model_cfg, dtype=dtype, upcast_fp32=False)
+    entries, _ = _stored(lay, scoring, "ddp", "no")
+    compute_bytes = _DTYPE_BYTES[dtype] if model_cfg.quantization != "nf4" else (2 if dtype == "bfloat16" else 4)
+    return {"base_and_adapter": sum(e.nbytes for e in entries), "merged": lay.total_params * compute_bytes,
+            "dtype": dtype}
+
+
 def estimate_training_memory(arch: dict, model_cfg: ModelConfig, micro_batch: int, seq_len: int,
                              world_size: int = 1, *, mixed_precision: str = "no", backend: str = "ddp") -> dict:
     """Bytes per device for LoRA / QLoRA training of the model that ``arch`` (config.json) describes,

@@ -227,8 +227,8 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
     import torch
 
     from rerank_dist.hardware import resolve_dtype
-    from rerank_dist.memory import (BACKEND_NAMES, BACKENDS, GIB, MEASURED_BACKENDS, estimate_training_memory,
-                                    find_architecture)
+    from rerank_dist.memory import (BACKEND_NAMES, BACKENDS, GIB, MEASURED_BACKENDS, estimate_scoring_weights,
+                                    estimate_training_memory, find_architecture)
 
     tc, mc = cfg.train, cfg.model
     if cpu is None:
@@ -291,6 +291,11 @@ def dry_run_lines(cfg: RunConfig, plan: BatchPlan, nodes: int = 1, cpu: bool | N
                          f"activations {e['activations'] / GIB:5.1f}"
                          f"{'' if b in MEASURED_BACKENDS else '  unmeasured'}"
                          f"{'  <- train.backend' if b == tc.backend else ''}")
+        held = estimate_scoring_weights(arch, mc)
+        ways = {"base_and_adapter": f"base ({mc.quantization}) + adapter", "merged": f"merged, {held['dtype']}"}
+        chosen = "merged" if cfg.score.merged_weights else "base_and_adapter"
+        lines.append("scoring weights per process, GiB (score.merged_weights): " + ", ".join(
+            f"{ways[k]} {held[k] / GIB:.1f}{' <- this run' if k == chosen else ''}" for k in ways))
     every = [f"every {tc.save_every} steps" if tc.save_every else "",
              f"every {tc.save_every_minutes:g} min" if tc.save_every_minutes else ""]
     lines.append(f"checkpoints: {' and '.join(e for e in every if e) or 'at the end only'}, "

@@ -89,6 +89,24 @@ def test_dry_run_prints_the_plan_without_loading_weights(monkeypatch, capsys):
     assert "16 examples per step = 8 process(es) x micro-batch 2 x 1 accumulation" in out
     assert "quantization nf4" in out and "autocast bf16" in out
     assert "memory: ≈" in out and "GiB per device" in out and "configs/models/qwen3-4b" in out
+    assert "scoring weights per process, GiB (score.merged_weights): base (nf4) + adapter 2.5 <- this run, " \
+           "merged, bfloat16 7.5" in out
+
+
+def test_scoring_weights_count_the_merged_16_bit_copy_an_nf4_base_becomes():
+    """score.merged_weights dequantizes the 4-bit base: every parameter at 2 bytes (bf16), about three
+    times the 4-bit base with its adapter, for Qwen3-4B (4.02e9 parameters, tied embeddings once)."""
+    from rerank_dist.memory import GIB, estimate_scoring_weights, find_architecture
+
+    cfg = load_config(CONFIGS / "qwen3_4b_qlora.yaml", world_size=1)
+    assert (cfg.model.quantization, cfg.model.dtype) == ("nf4", "bfloat16")  # the precondition
+    arch, _ = find_architecture(cfg.model.name_or_path, cfg.model.cache_dir)
+    held = estimate_scoring_weights(arch, cfg.model)
+    assert 4.0e9 * 2 < held["merged"] < 4.05e9 * 2 and held["dtype"] == "bfloat16"
+    assert 2.3 * GIB < held["base_and_adapter"] < 2.7 * GIB  # ~3.6e9 matmul weights at ~0.53 bytes + the rest bf16
+    plain = estimate_scoring_weights(arch, load_config(CONFIGS / "qwen3_4b_qlora.yaml", world_size=1,
+                                                       overrides=["model.quantization=none"]).model)
+    assert plain["merged"] == held["merged"] and plain["base_and_adapter"] > plain["merged"]  # + the fp32 adapter
 
 
 def _launch_args(*argv: str) -> argparse.Namespace:
