@@ -170,7 +170,7 @@ class TrainConfig:
 
 @dataclass
 class ScoreConfig:
-    batch_size: int = _f(1, "prompts per forward pass per process (1 on a CPU: 1.1x faster than 8 there and padding-free, so bf16 scores do not depend on batch-mates, bench/results/README.md; batch on GPUs)")
+    batch_size: int = _f(1, "prompts per forward pass per process (1 on a CPU: 1.1x faster than 8 there at 1 and at 2 threads, and padding-free, so bf16 scores do not depend on batch-mates, bench/results/README.md; batch on GPUs)")
     splits: list[str] = _f(["test"], "splits to score with the trained adapter")
     max_users: int = _f(0, "score only the first N users (0 = all; anything else is not a headline number)")
     fusion: bool = _f(True, "also rank by a fusion of the LLM's label scores and the retriever's scores (each z-scored per user), with the weight chosen on validation users only; the fused order is then the run's final order")
