@@ -10,6 +10,7 @@
 #   ours_all       every option below at once
 #   grouping, packing, bf16_norms, ckpt_auto, quant_auto, compile   each option alone
 #   score_nf4, score_merged   rerank-dist score of the ours adapter: 4-bit + adapter, and merged 16-bit weights
+#                  (their scores compared user by user in the table)
 #   zero3, fsdp    smoke runs of the two sharding backends on this one GPU (2 steps)
 # then, time permitting, the memory estimate against measured peaks (tests/test_memory.py -m gpu).
 # Rows run in that order until $BUDGET_S seconds have passed; the ones left are marked skipped. A failing
@@ -72,7 +73,8 @@ row() {
     score) rm -rf "$dir/ranker" && cp -r .gpu/rows/ours/ranker "$dir/ranker"
            timeout "$left" python3 -m rerank_dist.cli launch --nproc-per-node 1 score "${BASE[@]}" "run_dir=$dir" "$@" \
              > "$OUT/$name.log" 2>&1 || rc=$?
-           [ "$rc" = 0 ] && cp "$dir/metrics_test.json" "$OUT/$name.metrics.json" ;;
+           [ "$rc" = 0 ] && cp "$dir/metrics_test.json" "$OUT/$name.metrics.json" \
+             && cp "$dir/rankings_test.parquet" "$OUT/$name.rankings.parquet" ;;
   esac
   if [ "$rc" = 0 ]; then echo "ok" > "$OUT/$name.status"
   elif [ "$rc" = 124 ]; then echo "failed cut at the kit's budget (timeout)" > "$OUT/$name.status"

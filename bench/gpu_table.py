@@ -6,7 +6,9 @@ OUT_DIR (what bench/gpu.sh leaves in $OUT) holds ``rows.txt`` (one row name per 
 and per row ``NAME.status`` (ok | failed | skipped, then a note), ``NAME.args`` (the settings the row
 adds to the baseline's), and ``NAME.summary.json`` (a training row: train_summary.json, or TRL's row
 from bench/gpu_trl.py in the same fields) or ``NAME.metrics.json`` (a scoring row: metrics_test.json);
-``gpu.txt`` names the GPU; ``model_config.json`` is the model's config.json.
+``gpu.txt`` names the GPU; ``model_config.json`` is the model's config.json. A scoring row may leave
+``NAME.rankings.parquet`` (its rankings_test.parquet): merged-weights scores are then compared with the
+4-bit + adapter ones user by user (``merged_vs_nf4``).
 
 MFU = tokens/s x k x N / the GPU's dense bf16 peak, with N the parameters of the decoder layers
 (every matmul weight a token passes through: attention and MLP projections; not the embedding, a
@@ -78,7 +80,8 @@ def collect(out: Path) -> dict[str, Any]:
                         "padding_share": summary.get("padding_share"), "steps": summary.get("steps"),
                         "world_size": summary.get("world_size"), "backend": summary.get("backend"),
                         "loss_first_steps": summary.get("loss_first_steps"),
-                        "loss_last_steps": summary.get("loss_last_steps")})
+                        "loss_last_steps": summary.get("loss_last_steps"),
+                        "compile_stats": summary.get("compile_stats")})
             if n and peak and tps:
                 row["flops_per_token"] = f"{6 if ckpt else 4}N"
                 row["mfu"] = round(tps * (6 if ckpt else 4) * n / (peak * 1e12), 4)
@@ -94,11 +97,37 @@ def collect(out: Path) -> dict[str, Any]:
             row["vs_trl_tokens_per_s"] = round(row["tokens_per_s"] / trl["tokens_per_s"], 3)
             if row.get("peak_memory_gib") and trl.get("peak_memory_gib"):
                 row["vs_trl_peak_memory"] = round(row["peak_memory_gib"] / trl["peak_memory_gib"], 3)
+    merged, nf4 = out / "score_merged.rankings.parquet", out / "score_nf4.rankings.parquet"
     return {"bench": "gpu", "when": time.strftime("%Y-%m-%d %H:%M:%S"), "gpu": gpu,
             "decoder_params": n, "peak_bf16_tflops": peak,
+            "merged_vs_nf4": score_difference(nf4, merged) if merged.is_file() and nf4.is_file() else None,
             "mfu_formula": "tokens/s x k x N / peak; N = decoder-layer matmul parameters, k = 6 with gradient "
                            "checkpointing, 4 without",
             "rows": rows}
+
+
+def score_difference(reference: Path, other: Path) -> dict[str, Any]:
+    """Two scorings of the same prompts (rankings_test.parquet), user by user: the largest and the mean
+    absolute difference of the LLM's label scores, and the share of users whose order of the candidates
+    by those scores is the same, whole and at the top. Users are matched by (user, prefix_len); their
+    candidate lists must be equal."""
+    import numpy as np
+    import pandas as pd
+
+    keys = ["user", "prefix_len"]
+    a, b = (pd.read_parquet(p, columns=[*keys, "candidates", "scores"]) for p in (reference, other))
+    both = a.merge(b, on=keys, suffixes=("_a", "_b"), validate="one_to_one")
+    if len(both) != len(a) or len(both) != len(b):
+        raise ValueError(f"{other}: {len(b)} users against {len(a)} in {reference}, {len(both)} in common; "
+                         f"expected the same users")
+    if not all(np.array_equal(x, y) for x, y in zip(both["candidates_a"], both["candidates_b"])):
+        raise ValueError(f"{other}: candidate lists differ from {reference}'s; expected the same prompts")
+    sa, sb = np.stack(both["scores_a"]), np.stack(both["scores_b"])  # (users, K)
+    order_a, order_b = (np.argsort(-s, axis=1, kind="stable") for s in (sa, sb))
+    diff = np.abs(sa - sb)
+    return {"users": len(both), "max_abs_score_diff": float(diff.max()), "mean_abs_score_diff": float(diff.mean()),
+            "same_order_share": float((order_a == order_b).all(axis=1).mean()),
+            "same_top1_share": float((order_a[:, 0] == order_b[:, 0]).mean())}
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -134,6 +163,16 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['name']} | {r['args'] or '-'} | {r['status']}{(': ' + r['note']) if r['note'] else ''} | "
                          f"{_fmt(r.get('prompts_per_s'), '.1f')} | {_fmt(r.get('peak_memory_gib'))} | "
                          f"{_fmt(r.get('users'))} | {_fmt(r.get('ndcg@10'), '.4f')} |")
+    diff = result.get("merged_vs_nf4")
+    if diff:
+        lines += ["", f"Merged 16-bit weights against 4-bit + adapter, the same {diff['users']} users: label scores "
+                      f"differ by at most {diff['max_abs_score_diff']:.4f} (mean {diff['mean_abs_score_diff']:.4f}); "
+                      f"the same candidate order for {diff['same_order_share']:.1%} of users, the same first "
+                      f"candidate for {diff['same_top1_share']:.1%}."]
+    compiled = [r for r in result["rows"] if r.get("compile_stats")]
+    if compiled:
+        lines += ["", "torch.compile: " + "; ".join(f"{r['name']} {r['compile_stats']['graphs']} graphs, "
+                                                    f"{r['compile_stats']['graph_breaks']} graph breaks" for r in compiled)]
     return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,41 @@ def test_the_table_computes_ratios_to_trl_and_mfu_from_a_fake_kit_output(gpu_tab
     assert "| score_merged | score.merged_weights=true | ok | 61.5 |" in md
 
 
+def test_merged_scores_are_compared_with_the_4_bit_ones_user_by_user(gpu_table, tmp_path):
+    """score_nf4 and score_merged leave their rankings: the table states how far the merged scores
+    moved, matching users by id (the two files list them in different orders)."""
+    import numpy as np
+    import pandas as pd
+
+    out = _fake_out(tmp_path)
+    rng = np.random.default_rng(0)
+    users, k = 6, 5
+    scores = rng.normal(size=(users, k)).astype(np.float32)
+    moved = scores.copy()
+    moved[2, 0] += 0.25                                  # a small change to user 2
+    moved[4] = scores[4][::-1]                           # user 4's order reversed
+    order = [np.argsort(-r, kind="stable") for r in (scores, moved)]
+    same = [bool((order[0][u] == order[1][u]).all()) for u in range(users)]
+    assert not same[4] and sum(same) >= 4  # the precondition: one planted reordering at least
+    for name, s, idx in (("score_nf4", scores, range(users)), ("score_merged", moved, reversed(range(users)))):
+        (out / f"{name}.status").write_text("ok")
+        pd.DataFrame([{"user": u, "prefix_len": 10 + u, "candidates": np.arange(k) + 100 * u, "scores": s[u]}
+                      for u in idx]).to_parquet(out / f"{name}.rankings.parquet")
+    assert gpu_table.main([str(out), "--dest", str(tmp_path / "dest")]) == 0
+    diff = json.loads((tmp_path / "dest" / "gpu.json").read_text())["merged_vs_nf4"]
+    assert diff["users"] == users
+    assert diff["max_abs_score_diff"] == pytest.approx(float(np.abs(scores - moved).max()))
+    assert diff["mean_abs_score_diff"] == pytest.approx(float(np.abs(scores - moved).mean()), rel=1e-6)
+    assert diff["same_order_share"] == pytest.approx(sum(same) / users)
+    assert "Merged 16-bit weights against 4-bit + adapter, the same 6 users" in (tmp_path / "dest" / "gpu.md").read_text()
+    # Different prompts are refused, not compared.
+    other = pd.read_parquet(out / "score_merged.rankings.parquet")
+    other.at[0, "candidates"] = other.at[0, "candidates"][::-1]
+    other.to_parquet(out / "score_merged.rankings.parquet")
+    with pytest.raises(ValueError, match="candidate lists differ"):
+        gpu_table.collect(out)
+
+
 def test_the_table_refuses_a_folder_that_is_not_the_kits(gpu_table, tmp_path, capsys):
     assert gpu_table.main([str(tmp_path)]) == 2
     assert "rows.txt: not found" in capsys.readouterr().err
