@@ -57,7 +57,7 @@ class TrainingData:
 def train(cfg: RunConfig, upstream_key: str) -> dict:
     """Train the ranker of cfg's run. upstream_key: the key the stage before recorded (pipeline.py),
     which names the examples store: examples built from other candidates are never reused."""
-    from rerank_dist.modeling import load_model, load_tokenizer
+    from rerank_dist.modeling import compile_stats, load_model, load_tokenizer
 
     # ------------------------------------------------------------------ setup
     paths = RunPaths(Path(cfg.run_dir))
@@ -81,6 +81,7 @@ def train(cfg: RunConfig, upstream_key: str) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(accelerator, cfg, paths, tokenizer, upstream_key, say)
     # Under zero3 / fsdp the backend places the weights (sharded); otherwise each process loads them all.
+    compiled_before = compile_stats()  # model.compile: what Dynamo compiled before this run, in this process
     model = load_model(cfg.model, training=True, device=accelerator.device, sharded=shards_weights(cfg))
     dtype, dtype_reason = resolve_dtype(cfg.model.dtype, accelerator.device)  # as load_model resolved it
     say(f"model dtype: {dtype} ({dtype_reason})")
@@ -217,7 +218,10 @@ def train(cfg: RunConfig, upstream_key: str) -> dict:
                              else "max_minutes")
     summary["weights_held_share"] = round(held / whole, 4)  # of the main process
     summary["memory_options"] = memory_choice  # gradient checkpointing and quantization, and why
-    if summary["compile_stats"]:  # many graphs or breaks: the layers run in pieces (ZeRO-3's gather hooks)
+    summary["compile_stats"] = None  # model.compile: Dynamo's graphs and graph breaks in this run
+    if cfg.model.compile != "none":  # (its counters are per process and cumulative: the difference is this run's)
+        summary["compile_stats"] = {k: v - compiled_before[k] for k, v in compile_stats().items()}
+        # Many graphs or breaks mean the layers run in pieces (under ZeRO-3: at its gather hooks).
         say(f"torch.compile ({cfg.model.compile}): {summary['compile_stats']['graphs']} graphs, "
             f"{summary['compile_stats']['graph_breaks']} graph breaks (this process)")
     if accelerator.is_main_process:
@@ -436,8 +440,6 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
              resume_from: Path | None, device: torch.device) -> dict:
     """The run as a whole, from the (reconciled) log: every step once, across restarts. Throughput
     leaves out the first step (start-up, memory allocation)."""
-    from rerank_dist.modeling import compile_stats
-
     records = [r for r in (read_jsonl(paths.train_log).records if paths.train_log.is_file() else []) if "loss" in r]
     losses = [r["loss"] for r in records]
     num_labels = len(data.verbalizer["labels"])
@@ -455,7 +457,6 @@ def _summary(paths: RunPaths, cfg: RunConfig, state: TrainerState, data: Trainin
             # tokens/s counts real tokens only; padding: the share of computed slots that were padding
             "length_grouping": cfg.train.length_grouping, "packing": cfg.train.packing,
             "upcast_fp32": cfg.model.upcast_fp32, "compile": cfg.model.compile,
-            "compile_stats": compile_stats() if cfg.model.compile != "none" else None,
             "padding_share": _padding_share(records),
             "peak_memory_gib": peak_memory_gib(device),
             "minutes": round((time.time() - started) / 60, 2), "resumed_from": str(resume_from or ""),
