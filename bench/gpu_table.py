@@ -140,7 +140,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU speed: {result['gpu']}\n",
              f"Written by `bench/gpu_table.py` from one `bash bench/gpu.sh` run ({result['when']}). Training: random-weight "
              f"Qwen3-4B on ml-latest-small prompts, one GPU; each row is the baseline (NF4, bf16 autocast, gradient "
-             f"checkpointing, micro-batch 4, batch 16, LoRA r=16 on q/k/v/o) with the settings in *adds* changed. "
+             f"checkpointing, micro-batch 4, batch 16, LoRA r=16 on q/k/v/o in every layer) with the settings in *adds* changed. "
              f"Tokens/s: real (non-padding) tokens, the first step left out. MFU: {result['mfu_formula']} "
              f"(N = {_fmt(result['decoder_params'], ',')}, peak {_fmt(result['peak_bf16_tflops'])} TFLOP/s dense bf16).\n",
              "| row | adds | status | tokens/s | vs TRL | MFU | FLOPs/token | peak GiB | vs TRL memory | checkpointing | "

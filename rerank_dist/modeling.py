@@ -143,12 +143,12 @@ def load_model(cfg: ModelConfig, training: bool, device: torch.device | str | No
         # Sharded 4-bit weights skip prepare_model_for_kbit_training: its fp32 copies of the
         # embeddings and norms would double their sharded size for no gain in bf16 training.
         _enable_checkpointing(model, ckpt_kwargs)
-    if sharded and cfg.quantization == "nf4":
+    if (sharded or cfg.compile != "none") and cfg.quantization == "nf4":
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 # bitsandbytes' CPU kernel repacks a 4-bit weight in place at its first eval-mode
                 # forward (validation); a sharded weight gathered for that one forward must keep
-                # the layout its shards were cut in.
+                # the layout its shards were cut in, and a compiled layer the shapes it was traced with.
                 module.support_avx512bf16_for_cpu = False
     model = get_peft_model(model, lora_config(cfg, num_decoder_layers(model)))
     if cfg.compile != "none":
