@@ -83,6 +83,16 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def _assert_trained_alike(a: Path, b: Path, what: str) -> None:
+    """The same 6 logged steps, losses and final adapters within the backends' tolerances."""
+    l_a, l_b = _losses(a), _losses(b)
+    assert sorted(l_a) == sorted(l_b) == [1, 2, 3, 4, 5, 6]
+    loss_diff = max(abs(l_a[s] - l_b[s]) for s in l_a)
+    weight_diff = _max_diff(_adapter(a), _adapter(b))
+    print(f"{what}: max loss diff {loss_diff:.2e}, max adapter diff {weight_diff:.2e}")
+    assert loss_diff <= LOSS_TOLERANCE and weight_diff <= WEIGHT_TOLERANCE
+
+
 # The GPU recipes' combination: NF4 stored in bf16, bf16 mixed precision, gradient checkpointing.
 RECIPE = ["model.quantization=nf4", "model.dtype=bfloat16", "train.mixed_precision=bf16",
           "model.gradient_checkpointing=true"]
@@ -120,12 +130,7 @@ def test_backend_trains_like_ddp_on_two_processes(runs, backend):
     # fsdp; a few elements of padding) or all of them (zero2 shards only gradients and optimizer).
     held = summary["weights_held_share"]
     assert held == 1.0 if backend == "zero2" else 0.5 <= held <= 0.52, held
-    l_ddp, l_other = _losses(ddp), _losses(other)
-    assert sorted(l_ddp) == sorted(l_other) == [1, 2, 3, 4, 5, 6]
-    loss_diff = max(abs(l_ddp[s] - l_other[s]) for s in l_ddp)
-    weight_diff = _max_diff(_adapter(ddp), _adapter(other))
-    print(f"{backend} vs ddp on 2 processes: max loss diff {loss_diff:.2e}, max adapter diff {weight_diff:.2e}")
-    assert loss_diff <= LOSS_TOLERANCE and weight_diff <= WEIGHT_TOLERANCE
+    _assert_trained_alike(ddp, other, f"{backend} vs ddp on 2 processes")
     assert max(t.abs().max().item() for k, t in _adapter(other).items() if "lora_B" in k) > 1e-3  # it trained
     # Checkpoints hold this backend's optimizer files, and every rank's RNG state.
     step_dir = latest_step_dir(other / "ranker")
@@ -248,12 +253,7 @@ def test_backend_trains_compiled_decoder_layers_like_eager(runs, backend):
     assert (summary["world_size"], summary["backend"], summary["compile"]) == (2, backend, "aot_eager")
     assert summary["compile_stats"]["graphs"] >= 1, summary["compile_stats"]  # the precondition: really compiled
     print(f"compile under {backend}: {summary['compile_stats']}")
-    l_eager, l_compiled = _losses(eager), _losses(compiled)
-    assert sorted(l_compiled) == sorted(l_eager) == [1, 2, 3, 4, 5, 6]
-    loss_diff = max(abs(l_eager[s] - l_compiled[s]) for s in l_eager)
-    weight_diff = _max_diff(_adapter(eager), _adapter(compiled))
-    print(f"compiled {backend} vs eager: max loss diff {loss_diff:.2e}, max adapter diff {weight_diff:.2e}")
-    assert loss_diff <= LOSS_TOLERANCE and weight_diff <= WEIGHT_TOLERANCE
+    _assert_trained_alike(eager, compiled, f"compiled {backend} vs eager")
 
 
 # ---------------------------------------------------------------- configuration, without processes
