@@ -18,6 +18,7 @@
 # row is marked failed (its log's tail in NAME.log) and the next one runs.
 # KIT_DEVICE=cpu rehearses the whole kit on a CPU with a tiny random Qwen3 (every row, the table), so a
 # script error costs no GPU time; its figures say nothing about speed:
+#   .venv/bin/pip install '.[all,bench]'   # bitsandbytes, deepspeed and trl in the venv
 #   PATH=.venv/bin:$PATH KIT_DEVICE=cpu STEPS=2 BUDGET_S=1800 OUT=runs/rehearsal bash bench/gpu.sh
 set -uo pipefail
 OUT="${OUT:-runs/bench}"
